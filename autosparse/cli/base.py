@@ -1,0 +1,105 @@
+"""Shared CLI plumbing: error handling and option groups used by several commands."""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import click
+
+from autosparse.errors import AutosparseError
+
+
+class AutosparseGroup(click.Group):
+    """Turns AutosparseError (and Ctrl-C) into a one-line message and a non-zero exit."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except AutosparseError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("Interrupted.", err=True)
+            sys.exit(130)
+
+
+def model_options(f):
+    """--model, --device, --dtype."""
+
+    @click.option(
+        "--model",
+        "model",
+        default="smollm2-135m",
+        show_default=True,
+        help="Hub id, local folder, or alias (smollm2-135m, llama3-3b, opt-6.7b).",
+    )
+    @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, mps or auto.")
+    @click.option(
+        "--dtype",
+        default="auto",
+        show_default=True,
+        help="float32, float16, bfloat16 or auto (float32 on CPU, float16 on GPU).",
+    )
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        return f(*args, **kwargs)
+
+    return wrapper
+
+
+def layers_option(f):
+    return click.option(
+        "--layers",
+        default=None,
+        help="Sparse layers as START:STOP (stop exclusive). Default: 6:27 (the reference's) "
+        "when the model has at least 27 layers, else all but the first and last.",
+    )(f)
+
+
+def sparsity_options(f):
+    """--method, --keep, --token-ratio, --levels, --mode (shared by generate and eval)."""
+    for opt in reversed(
+        [
+            click.option(
+                "--method",
+                type=click.Choice(["dense", "coreinfer", "levels"]),
+                default="coreinfer",
+                show_default=True,
+                help="dense; coreinfer (one keep ratio for every sparse layer); "
+                "levels (per-layer keep ratios from --levels).",
+            ),
+            click.option(
+                "--keep",
+                type=float,
+                default=0.4,
+                show_default=True,
+                help="Kept fraction of FFN neurons per sparse layer (CoreInfer's 'sparsity').",
+            ),
+            click.option(
+                "--token-ratio",
+                type=float,
+                default=0.2,
+                show_default=True,
+                help="CoreInfer token ratio: per-token quota as a fraction of positive activations.",
+            ),
+            click.option(
+                "--levels",
+                "levels_file",
+                type=click.Path(dir_okay=False),
+                default=None,
+                help="Levels file (JSON from `autosparse levels`, or a plain per-layer list).",
+            ),
+            click.option(
+                "--mode",
+                type=click.Choice(["masked", "sliced"]),
+                default="masked",
+                show_default=True,
+                help="masked: dense compute with unkept neurons zeroed (batch-friendly); "
+                "sliced: gathered weights (the mode that saves time).",
+            ),
+            layers_option,
+        ]
+    ):
+        f = opt(f)
+    return f

@@ -1,0 +1,161 @@
+"""Sparse replacements for FFN modules. They hold the original module and a LayerRuntime.
+
+Masked mode computes the dense FFN and zeroes the unkept neurons; sliced mode
+gathers the kept rows/columns of the weights once per sequence, at prefill, and
+decodes with those small contiguous matrices. Both give the same outputs up to
+floating-point summation order.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from autosparse.engine.runtime import LayerRuntime
+
+
+def _padded_ids(runtime: LayerRuntime) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, K) ids of each sequence's kept neurons, K = the largest kept count, and a
+    (B, K) float validity mask; sequences that keep fewer are padded (masked out later)."""
+    sel = runtime.selection
+    width = max(int(sel.kept.max()), 1)
+    ids = sel.order[:, :width]
+    valid = torch.arange(width, device=ids.device).unsqueeze(0) < sel.kept.unsqueeze(1)
+    return ids, valid
+
+
+def _bmm_or_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """x (B, T, D_in) times per-sequence ``weight`` (B, D_out, D_in)^T (+ bias (B, D_out))."""
+    if x.shape[0] == 1:
+        return F.linear(x[0], weight[0], None if bias is None else bias[0]).unsqueeze(0)
+    out = torch.bmm(x, weight.transpose(1, 2))
+    return out if bias is None else out + bias.unsqueeze(1)
+
+
+def _right_bmm(h: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
+    """h (B, T, K) times per-sequence ``weight_t`` (B, K, D)."""
+    if h.shape[0] == 1:
+        return (h[0] @ weight_t[0]).unsqueeze(0)
+    return torch.bmm(h, weight_t)
+
+
+class SparseGatedMLP(nn.Module):
+    """``down(act(gate(x)) * up(x))`` running only each sequence's core neurons."""
+
+    def __init__(self, mlp: nn.Module, runtime: LayerRuntime):
+        super().__init__()
+        self.inner = mlp
+        self.runtime = runtime
+
+    def _dense_acts(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.inner
+        return m.act_fn(m.gate_proj(x)) * m.up_proj(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, D)
+        rt, m = self.runtime, self.inner
+        ctx = rt.context
+        if ctx.prefill:
+            h = self._dense_acts(x)  # (B, T, N)
+            rt.select(h)
+            scale = rt.continuation_keep(h.dtype)
+            if scale is not None:
+                h = h * scale
+            if rt.mode == "sliced" and not rt.dense:
+                self._gather()
+            return m.down_proj(h)
+        sel = rt.decode_selection(x.shape[0])
+        if rt.dense:
+            return m(x)
+        if rt.mode == "masked":
+            h = self._dense_acts(x) * sel.mask.unsqueeze(1).to(x.dtype)
+            return m.down_proj(h)
+        w = rt.sliced
+        gu = _bmm_or_linear(x, w["gate_up"], w.get("gate_up_bias"))  # (B, T, 2K)
+        g, u = gu.chunk(2, dim=-1)
+        h = m.act_fn(g) * u  # (B, T, K)
+        y = _right_bmm(h, w["down_t"])  # (B, T, D)
+        if m.down_proj.bias is not None:
+            y = y + m.down_proj.bias
+        return y
+
+    @torch.no_grad()
+    def _gather(self) -> None:
+        m, rt = self.inner, self.runtime
+        ids, valid = _padded_ids(rt)  # (B, K)
+        gate_up = torch.cat([m.gate_proj.weight[ids], m.up_proj.weight[ids]], dim=1)  # (B, 2K, D)
+        down_t = m.down_proj.weight.t()[ids] * valid.unsqueeze(-1).to(m.down_proj.weight.dtype)
+        rt.sliced = {"gate_up": gate_up.contiguous(), "down_t": down_t.contiguous()}  # (B, K, D)
+        if m.gate_proj.bias is not None:
+            rt.sliced["gate_up_bias"] = torch.cat([m.gate_proj.bias[ids], m.up_proj.bias[ids]], 1)
+
+
+class SparseOPTFc1(nn.Module):
+    """OPT's fc1 (input (B*T, D), output pre-ReLU activations). At prefill it selects;
+    in sliced decode it computes only the kept rows."""
+
+    def __init__(self, fc1: nn.Linear, runtime: LayerRuntime):
+        super().__init__()
+        self.inner = fc1
+        self.runtime = runtime
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rt = self.runtime
+        ctx = rt.context
+        if ctx.prefill:
+            a = self.inner(x)
+            rt.select(a.view(ctx.batch, ctx.length, -1))
+            if rt.mode == "sliced" and not rt.dense:
+                self._gather()
+            return a
+        rt.decode_selection(ctx.batch)
+        if rt.mode == "masked" or rt.dense:
+            return self.inner(x)
+        w = rt.sliced
+        a = _bmm_or_linear(x.view(ctx.batch, ctx.length, -1), w["fc1"], w.get("fc1_bias"))
+        return a.reshape(ctx.batch * ctx.length, -1)  # (B*T, K)
+
+    @torch.no_grad()
+    def _gather(self) -> None:
+        rt, fc1 = self.runtime, self.inner
+        ids, _ = _padded_ids(rt)
+        rt.sliced["fc1"] = fc1.weight[ids].contiguous()  # (B, K, D)
+        if fc1.bias is not None:
+            rt.sliced["fc1_bias"] = fc1.bias[ids]
+
+
+class SparseOPTFc2(nn.Module):
+    """OPT's fc2 (input ReLU activations (B*T, N) or, sliced, (B*T, K)); bias stays whole."""
+
+    def __init__(self, fc2: nn.Linear, runtime: LayerRuntime):
+        super().__init__()
+        self.inner = fc2
+        self.runtime = runtime
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        rt, fc2 = self.runtime, self.inner
+        ctx = rt.context
+        if ctx.prefill:
+            scale = rt.continuation_keep(h.dtype)
+            if scale is not None:
+                h = (h.view(ctx.batch, ctx.length, -1) * scale).view_as(h)
+            if rt.mode == "sliced" and not rt.dense:
+                self._gather()
+            return fc2(h)
+        sel = rt.decode_selection(ctx.batch)
+        if rt.dense:
+            return fc2(h)
+        if rt.mode == "masked":
+            h = h.view(ctx.batch, ctx.length, -1) * sel.mask.unsqueeze(1).to(h.dtype)
+            return fc2(h.view(ctx.batch * ctx.length, -1))
+        y = _right_bmm(h.view(ctx.batch, ctx.length, -1), rt.sliced["fc2_t"])
+        if fc2.bias is not None:
+            y = y + fc2.bias
+        return y.reshape(ctx.batch * ctx.length, -1)
+
+    @torch.no_grad()
+    def _gather(self) -> None:
+        rt, fc2 = self.runtime, self.inner
+        ids, valid = _padded_ids(rt)
+        fc2_t = fc2.weight.t()[ids] * valid.unsqueeze(-1).to(fc2.weight.dtype)  # (B, K, D)
+        rt.sliced["fc2_t"] = fc2_t.contiguous()

@@ -1,0 +1,91 @@
+"""Sentence-level core-neuron selection (CoreInfer), as pure tensor functions.
+
+The rule, per sequence and sparse layer (docs/method.md):
+
+1. ``P`` = positive entries of the prompt activations ``A`` (T x N), padding excluded;
+   per-token quota ``m = floor(q * P / T)``.
+2. Every prompt token votes for the ids of its ``m`` largest activations.
+3. Neurons with at least one vote are ranked by vote count, descending. Ties go
+   to the larger summed positive activation, then to the lower neuron id
+   (the reference used an unstable sort; this order is deterministic).
+4. The first ``keep_count(r, N)`` of the ranking are kept; if fewer neurons
+   received votes, all of them are kept.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+def keep_count(keep: float, n: int) -> int:
+    """``floor(keep * n)``, robust to binary rounding (0.58 * 100 is 57.999...)."""
+    return int(math.floor(round(keep * n, 6)))
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Core neurons of a batch for one layer.
+
+    ``order`` (B, N) ranks all neurons; the first ``kept[b]`` entries of row b are
+    that sequence's core neurons. ``mask`` (B, N) is True for kept neurons.
+    """
+
+    order: torch.Tensor
+    kept: torch.Tensor
+    mask: torch.Tensor
+
+    def ids(self, b: int) -> torch.Tensor:
+        return self.order[b, : int(self.kept[b])]
+
+
+def token_quota(acts: torch.Tensor, valid: torch.Tensor, token_ratio: float) -> torch.Tensor:
+    """Per-sequence quota ``m = floor(q * P / T)``. acts (B, T, N), valid (B, T) bool -> (B,) long."""
+    positives = ((acts > 0) & valid.unsqueeze(-1)).sum(dim=(1, 2)).double()  # (B,)
+    tokens = valid.sum(dim=1).double()  # (B,)
+    quota = torch.floor(token_ratio * positives / tokens.clamp(min=1))
+    return torch.where(tokens > 0, quota, torch.zeros_like(quota)).long()
+
+
+def select_core_neurons(
+    acts: torch.Tensor,
+    valid: torch.Tensor,
+    keep: torch.Tensor | float,
+    token_ratio: float,
+) -> Selection:
+    """Select each sequence's core neurons from its prompt activations.
+
+    acts: (B, T, N) activations of one layer. valid: (B, T) bool, True for the prompt
+    tokens that count (padding and continuation tokens are False). keep: the layer's
+    keep ratio (a float, or a (B,) tensor). Vectorized over the batch.
+    """
+    bsz, _, n = acts.shape
+    device = acts.device
+    quota = token_quota(acts, valid, token_ratio)  # (B,)
+    max_quota = int(quota.max()) if bsz else 0
+
+    votes = torch.zeros(bsz, n, dtype=torch.int32, device=device)
+    if max_quota > 0:
+        top = acts.topk(min(max_quota, n), dim=-1).indices  # (B, T, M)
+        rank = torch.arange(top.shape[-1], device=device)
+        counted = (rank.view(1, 1, -1) < quota.view(-1, 1, 1)) & valid.unsqueeze(-1)  # (B, T, M)
+        votes.scatter_add_(1, top.reshape(bsz, -1), counted.reshape(bsz, -1).to(torch.int32))
+
+    # Tie-break key: summed positive activation over the counted tokens, in float32.
+    mass = (acts.float().clamp(min=0) * valid.unsqueeze(-1)).sum(dim=1)  # (B, N)
+    # Two stable sorts give (votes desc, mass desc, id asc).
+    by_mass = mass.argsort(dim=1, descending=True, stable=True)
+    by_votes = votes.gather(1, by_mass).argsort(dim=1, descending=True, stable=True)
+    order = by_mass.gather(1, by_votes)  # (B, N)
+
+    if isinstance(keep, torch.Tensor):
+        wanted = torch.tensor([keep_count(float(k), n) for k in keep.tolist()], device=device)
+    else:
+        wanted = torch.full((bsz,), keep_count(float(keep), n), device=device)
+    kept = torch.minimum(wanted, (votes > 0).sum(dim=1)).long()  # (B,)
+
+    in_rank = torch.arange(n, device=device).unsqueeze(0) < kept.unsqueeze(1)  # (B, N)
+    mask = torch.zeros(bsz, n, dtype=torch.bool, device=device).scatter_(1, order, in_rank)
+    return Selection(order=order, kept=kept, mask=mask)
