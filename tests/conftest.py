@@ -12,7 +12,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def tiny_llama(layers: int = 4, hidden: int = 64, neurons: int = 128, vocab: int = 256, seed: int = 0):
+def tiny_llama(
+    layers: int = 4, hidden: int = 64, neurons: int = 128, vocab: int = 256, seed: int = 0
+):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -32,7 +34,9 @@ def tiny_llama(layers: int = 4, hidden: int = 64, neurons: int = 128, vocab: int
     return LlamaForCausalLM(cfg).eval()
 
 
-def tiny_opt(layers: int = 4, hidden: int = 64, neurons: int = 128, vocab: int = 256, seed: int = 0):
+def tiny_opt(
+    layers: int = 4, hidden: int = 64, neurons: int = 128, vocab: int = 256, seed: int = 0
+):
     import torch
     from transformers import OPTConfig, OPTForCausalLM
 
@@ -61,7 +65,7 @@ def tiny_opt(layers: int = 4, hidden: int = 64, neurons: int = 128, vocab: int =
 
 def tiny_tokenizer(vocab: int = 256):
     """A real fast tokenizer with a byte-level vocabulary built offline."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab_map = {"<pad>": 0, "<s>": 1, "</s>": 2}
@@ -71,7 +75,11 @@ def tiny_tokenizer(vocab: int = 256):
     tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
     tok.decoder = decoders.Fuse()
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<pad>"
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<pad>",
     )
     return fast
 

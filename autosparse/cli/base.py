@@ -34,7 +34,9 @@ def model_options(f):
         show_default=True,
         help="Hub id, local folder, or alias (smollm2-135m, llama3-3b, opt-6.7b).",
     )
-    @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, mps or auto.")
+    @click.option(
+        "--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, mps or auto."
+    )
     @click.option(
         "--dtype",
         default="auto",
