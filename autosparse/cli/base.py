@@ -105,3 +105,48 @@ def sparsity_options(f):
     ):
         f = opt(f)
     return f
+
+
+def build_method(
+    method: str,
+    keep: float,
+    token_ratio: float,
+    levels_file: str | None,
+    mode: str,
+    layers: str | None,
+):
+    """The Method a command's --method/--keep/--token-ratio/--levels/--mode/--layers describe.
+    A levels file's own layer range applies unless --layers overrides it."""
+    from autosparse.errors import ConfigError
+    from autosparse.methods import Method
+
+    if method == "dense":
+        return Method.dense()
+    if method == "coreinfer":
+        if levels_file:
+            raise ConfigError("--levels goes with --method levels, not coreinfer")
+        return Method.coreinfer(keep, token_ratio, layers=layers, mode=mode)
+    if not levels_file:
+        raise ConfigError(
+            "--method levels needs --levels FILE (write one with `autosparse levels`)"
+        )
+    from autosparse.levels import read_levels_file
+
+    loaded = read_levels_file(levels_file)
+    return Method.levels(
+        loaded.levels,
+        token_ratio,
+        layers=layers or loaded.layers,
+        mode=mode,
+        params=dict(loaded.params),
+    )
+
+
+def load(model: str, device: str, dtype: str):
+    """Load a model with a status line on stderr (loading can take a while)."""
+    from rich.console import Console
+
+    from autosparse.models import load_model
+
+    with Console(stderr=True).status(f"loading {model} ..."):
+        return load_model(model, device=device, dtype=dtype)

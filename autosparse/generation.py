@@ -1,0 +1,82 @@
+"""Text generation under a sparsity method (the library side of ``autosparse generate``)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from autosparse.methods import Method
+
+
+@dataclass(frozen=True)
+class Generation:
+    prompt: str
+    text: str
+    new_tokens: int
+    density: float | None  # realized kept fraction over the sparse layers (None for dense)
+
+
+@dataclass(frozen=True)
+class GenerationRun:
+    method: Method
+    layers: list[int]  # absolute indices of the sparse layers ([] for dense)
+    layer_density: list[float]  # mean kept fraction per sparse layer
+    generations: list[Generation]
+    seconds: float
+
+    @property
+    def density(self) -> float | None:
+        values = [g.density for g in self.generations if g.density is not None]
+        return sum(values) / len(values) if values else None
+
+
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    method: Method,
+    *,
+    max_new_tokens: int = 32,
+    batch_size: int = 8,
+    on_batch: Callable[[int], None] | None = None,
+) -> GenerationRun:
+    """Greedy generation for every prompt, in left-padded batches. Selection happens at
+    each batch's prefill and is per sequence, so batching does not change the outputs."""
+    import torch
+
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    device = next(model.parameters()).device
+    generations: list[Generation] = []
+    start = time.perf_counter()
+    with method.apply(model) as engine, torch.no_grad():
+        for first in range(0, len(prompts), batch_size):
+            chunk = list(prompts[first : first + batch_size])
+            batch = tokenizer(chunk, return_tensors="pt", padding=True).to(device)
+            seen = engine.kept_counts().shape[0] if engine is not None else 0
+            out = model.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            new = out[:, batch["input_ids"].shape[1] :]
+            densities = engine.sequence_density()[seen:].tolist() if engine is not None else None
+            for i, prompt in enumerate(chunk):
+                tokens = new[i]
+                count = int((tokens != tokenizer.pad_token_id).sum())
+                generations.append(
+                    Generation(
+                        prompt=prompt,
+                        text=tokenizer.decode(tokens, skip_special_tokens=True),
+                        new_tokens=count,
+                        density=None if densities is None else densities[i],
+                    )
+                )
+            if on_batch is not None:
+                on_batch(len(chunk))
+        layers = list(engine.layers) if engine is not None else []
+        layer_density = engine.layer_density() if engine is not None else []
+    return GenerationRun(method, layers, layer_density, generations, time.perf_counter() - start)
