@@ -1,0 +1,275 @@
+"""The result store. Contract tests run on SQLite and, when the PostgreSQL server
+binaries are installed, on a throwaway PostgreSQL server; bad URLs give one-line
+StorageErrors."""
+
+from __future__ import annotations
+
+import math
+import os
+import pwd
+import shutil
+import sqlite3
+import subprocess
+import tempfile
+from datetime import timezone
+
+import pytest
+
+from autosparse.errors import StorageError
+from autosparse.methods import Method
+from autosparse.results import EvalResult
+from autosparse.store import ResultStore, StoredResult, method_key, settings_key
+
+SETTINGS = {"limit": 50, "seed": 42, "shots": 6, "batch_size": 1, "metric": "bleu_max"}
+
+
+def _result(method: Method, score: float = 6.627, settings=None, **kw) -> EvalResult:
+    base = dict(
+        model="smollm2-135m",
+        task="truthfulqa-local",
+        method=method.to_dict(),
+        metric="bleu_max",
+        score=score,
+        metrics={"bleu_max": score, "bleu_acc": 0.4},
+        sample_ids=[3, 17, 41],
+        sample_scores=[5.0, 7.5, 7.381],
+        density=0.391 if method.name != "dense" else None,
+        layer_density=[0.38, 0.4] if method.name != "dense" else None,
+        seconds=12.5,
+        settings=dict(SETTINGS if settings is None else settings),
+        versions={"torch": "2.5.1", "transformers": "4.56.0", "lm_eval": "0.4.8"},
+    )
+    base.update(kw)
+    return EvalResult(**base)
+
+
+def _run_as_server_user(cmd: list[str], owner: str | None) -> None:
+    if owner:
+        cmd = ["runuser", "-u", owner, "--", *cmd]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    if proc.returncode:
+        pytest.fail(f"{' '.join(cmd)} failed: {proc.stderr.strip() or proc.stdout.strip()}")
+
+
+@pytest.fixture(scope="module")
+def postgres_url():
+    """A PostgreSQL server on a Unix socket in a temporary directory, for this module."""
+    initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
+    if not (initdb and pg_ctl):
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are not installed")
+    pytest.importorskip("psycopg2")
+    owner = None
+    # A short path: the socket's path must fit in ~100 bytes.
+    root = tempfile.mkdtemp(prefix="as-pg-")
+    if os.geteuid() == 0:  # postgres refuses to run as root
+        try:
+            pw = pwd.getpwnam("postgres")
+        except KeyError:
+            shutil.rmtree(root)
+            pytest.skip("running as root and there is no postgres user to run the server")
+        owner = "postgres"
+        os.chown(root, pw.pw_uid, pw.pw_gid)
+    data = os.path.join(root, "data")
+    port = 40000 + os.getpid() % 20000
+    try:
+        _run_as_server_user([initdb, "-N", "-D", data, "-A", "trust", "-U", "postgres"], owner)
+        opts = f"-k {root} -p {port} -c listen_addresses='' -c fsync=off"
+        log = os.path.join(root, "log")
+        _run_as_server_user([pg_ctl, "-D", data, "-o", opts, "-l", log, "-w", "start"], owner)
+        try:
+            yield f"postgresql://postgres@/postgres?host={root}&port={port}"
+        finally:
+            _run_as_server_user([pg_ctl, "-D", data, "-m", "immediate", "stop"], owner)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request, tmp_path):
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/sub/dir/results.db"
+        return
+    pg = request.getfixturevalue("postgres_url")
+    yield pg
+    from sqlalchemy import create_engine
+    from sqlalchemy.engine import make_url
+
+    from autosparse.store import _Base, _postgres_driver
+
+    engine = create_engine(_postgres_driver(make_url(pg)))
+    _Base.metadata.drop_all(engine)
+    engine.dispose()
+
+
+@pytest.fixture
+def store(url):
+    with ResultStore(url) as s:
+        yield s
+
+
+def test_sqlite_creates_parent_directory_and_prefixed_tables(tmp_path):
+    ResultStore(f"sqlite:///{tmp_path}/sub/dir/results.db").close()
+    path = tmp_path / "sub" / "dir" / "results.db"
+    assert path.exists()
+    tables = {r[0] for r in sqlite3.connect(path).execute("select name from sqlite_master where type='table'")}
+    assert tables and all(t.startswith("autosparse_") for t in tables)
+
+
+def test_round_trip(store):
+    r = _result(Method.coreinfer(0.4))
+    rid = store.save(r)
+    assert isinstance(rid, int)
+    got = store.get(rid)
+    assert isinstance(got, StoredResult)
+    assert got.id == rid
+    assert got.created is not None and got.created.tzinfo == timezone.utc
+    assert got.result() == r
+    # A snapshot, not a live object: changing it changes nothing stored.
+    got.sample_scores.append(99.0)
+    got.score = -1.0
+    assert store.get(rid).result() == r
+
+
+def test_round_trip_levels_and_dense(store):
+    lv = _result(Method.levels([0.3, 0.5, 0.41]), score=6.446)
+    dn = _result(Method.dense(), score=20.0)
+    assert store.get(store.save(lv)).result() == lv
+    assert store.get(store.save(dn)).result() == dn
+
+
+def test_non_finite_values_survive_as_nan(store):
+    r = _result(Method.coreinfer(0.4), score=float("nan"), sample_scores=[1.0, float("nan"), 2.0])
+    got = store.get(store.save(r))
+    assert math.isnan(got.score)
+    assert math.isnan(got.sample_scores[1]) and got.sample_scores[0] == 1.0
+
+
+def test_mismatched_ids_and_scores_refused(store):
+    with pytest.raises(StorageError, match="sample ids"):
+        store.save(_result(Method.dense(), sample_scores=[1.0]))
+
+
+def test_find_matches_only_identical_method_and_settings(store):
+    core = Method.coreinfer(0.4)
+    store.save(_result(core, score=1.0))
+    newer = store.save(_result(core, score=2.0))
+    store.save(_result(Method.coreinfer(0.5), score=3.0))
+    store.save(_result(core, settings={**SETTINGS, "limit": 100}, score=4.0))
+    store.save(_result(core, model="other", score=5.0))
+
+    got = store.find("smollm2-135m", "truthfulqa-local", core, SETTINGS)
+    assert got is not None and got.id == newer and got.score == 2.0
+    # A Method or its dict; key order of the settings does not matter.
+    same = store.find("smollm2-135m", "truthfulqa-local", core.to_dict(), dict(reversed(SETTINGS.items())))
+    assert same.id == newer
+
+    assert store.find("smollm2-135m", "truthfulqa-local", Method.coreinfer(0.3), SETTINGS) is None
+    assert store.find("smollm2-135m", "truthfulqa-local", Method.coreinfer(0.4, 0.3), SETTINGS) is None
+    assert store.find("smollm2-135m", "truthfulqa-local", core, {**SETTINGS, "seed": 0}) is None
+    assert store.find("smollm2-135m", "truthfulqa-local", core, {**SETTINGS, "extra": 1}) is None
+    assert store.find("smollm2-135m", "wmt16", core, SETTINGS) is None
+    assert store.find("other", "truthfulqa-local", core, SETTINGS).score == 5.0
+
+
+def test_descriptive_params_do_not_change_identity():
+    a = Method.levels([0.4, 0.4], params={"w_sum": 0.45})
+    b = Method.levels([0.4, 0.4], params={"w_sum": 0.5})
+    assert method_key(a) == method_key(b) == method_key({**a.to_dict(), "params": {"x": 1}})
+    assert method_key(a) != method_key(Method.levels([0.4, 0.41]))
+    assert settings_key({"a": 1, "b": 2}) == settings_key({"b": 2, "a": 1})
+
+
+def test_list_filters_and_orders(store):
+    ids = [
+        store.save(_result(Method.dense())),
+        store.save(_result(Method.coreinfer(0.4), task="wmt16")),
+        store.save(_result(Method.coreinfer(0.4), model="other")),
+    ]
+    rows = store.list()
+    assert [r.id for r in rows] == ids
+    assert all(r.created is not None for r in rows)
+    assert [r.id for r in store.list(task="wmt16")] == [ids[1]]
+    assert [r.id for r in store.list(model="other")] == [ids[2]]
+    assert [r.id for r in store.list(model="smollm2-135m", task="truthfulqa-local")] == [ids[0]]
+    assert store.list(model="nobody") == []
+
+
+def test_persists_across_instances(url):
+    with ResultStore(url) as a:
+        rid = a.save(_result(Method.dense()))
+    with ResultStore(url) as b:
+        assert b.get(rid).model == "smollm2-135m"
+
+
+def test_in_memory_store():
+    with ResultStore("sqlite://") as s:
+        rid = s.save(_result(Method.dense()))
+        assert s.get(rid) is not None
+
+
+def test_session_rolls_back_on_error(store):
+    from autosparse.store import _EvaluationRow
+
+    with pytest.raises(RuntimeError):
+        with store.session() as s:
+            s.add(_EvaluationRow(model="m", task="t"))  # incomplete, but never flushed
+            raise RuntimeError("boom")
+    assert store.list() == []
+    # A database error inside the scope is rolled back and reported as StorageError.
+    with pytest.raises(StorageError):
+        with store.session() as s:
+            s.add(_EvaluationRow(model="m", task="t"))
+            s.flush()
+    assert store.list() == []
+    store.save(_result(Method.dense()))
+    assert len(store.list()) == 1
+
+
+def test_two_stores_on_one_database(url):
+    with ResultStore(url) as a, ResultStore(url) as b:
+        rid = a.save(_result(Method.coreinfer(0.4)))
+        assert b.find("smollm2-135m", "truthfulqa-local", Method.coreinfer(0.4), SETTINGS).id == rid
+
+
+def test_shares_a_database_with_optuna(tmp_path):
+    optuna = pytest.importorskip("optuna")
+    url = f"sqlite:///{tmp_path}/study.db"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(storage=url, study_name="s")
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    with ResultStore(url) as s:
+        rid = s.save(_result(Method.dense()))
+        assert s.get(rid) is not None
+    assert len(optuna.load_study(study_name="s", storage=url).trials) == 2
+
+
+@pytest.mark.parametrize(
+    "url, fragment",
+    [
+        ("not a url", "not a database URL"),
+        ("nosuchdialect://x/y", "cannot open storage"),
+        ("postgresql://user:secret@127.0.0.1:1/db", "cannot open storage postgresql://user:***@127.0.0.1:1/db"),
+    ],
+)
+def test_bad_url_is_a_one_line_storage_error(url, fragment):
+    with pytest.raises(StorageError) as info:
+        ResultStore(url)
+    msg = str(info.value)
+    assert fragment in msg
+    assert "\n" not in msg
+    assert "secret" not in msg
+
+
+def test_unwritable_sqlite_location(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(StorageError, match="cannot open storage"):
+        ResultStore(f"sqlite:///{blocker}/sub/r.db")
+
+
+def test_not_a_database_file(tmp_path):
+    bad = tmp_path / "junk.db"
+    bad.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(StorageError) as info:
+        ResultStore(f"sqlite:///{bad}")
+    assert "\n" not in str(info.value)
