@@ -1,0 +1,553 @@
+"""The tuning study: the seed's hand-run grid search as one resumable Optuna study.
+
+A trial samples the level parameters (``w_sum``, ``top_k``, and with the
+``constrained`` strategy the threshold), turns them into per-layer levels from
+cached calibration statistics (milliseconds, no model run), runs sparse
+inference on the study's screening sample and returns the task metric's mean.
+The screen is a seeded random sample, identical for every trial and for the
+CoreInfer and dense baselines, which are evaluated once per study and stored in
+it. Studies live in any SQLAlchemy database Optuna supports.
+
+The model-facing parts (evaluation, calibration) are behind two small
+protocols, ``Evaluator`` and ``LevelsSource``, so the study logic is tested
+without a model and the same code drives a tiny model, SmolLM2 or a 3B model.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Protocol
+
+from autosparse.errors import ConfigError, StorageError
+from autosparse.methods import Method
+from autosparse.results import EvalResult
+
+STRATEGIES = ("solve", "constrained")
+SPEC_ATTR = "autosparse:spec"
+#: fields of StudySpec that must match when a study is resumed or joined
+IDENTITY_FIELDS = (
+    "model_id",
+    "task",
+    "goal",
+    "goal_from_baseline",
+    "screen",
+    "seed",
+    "layers",
+    "baseline_keep",
+    "token_ratio",
+    "strategy",
+    "tolerance",
+    "metric",
+    "num_fewshot",
+    "calibration",
+    "top_k_choices",
+    "threshold_range",
+    "couple_w_count",
+)
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    """Everything that defines a study. Validated on construction."""
+
+    model: str  # what the user typed: alias, hub id or folder
+    model_id: str  # stable identity of the weights (models.model_identity)
+    task: str
+    goal: float | None = None
+    goal_from_baseline: float | None = None
+    screen: int = 100
+    seed: int = 42
+    layers: str | None = None
+    baseline_keep: float = 0.4
+    token_ratio: float = 0.2
+    strategy: str = "solve"
+    tolerance: float = 0.01
+    metric: str | None = None
+    num_fewshot: int | None = None
+    calibration: int = 100
+    top_k_choices: tuple[int, ...] = (25, 50, 100, 200, 400)
+    threshold_range: tuple[float, float] = (0.0, 1.0)
+    couple_w_count: bool = True
+    batch_size: int = 1
+    prune: bool = True
+
+    def __post_init__(self) -> None:
+        if (self.goal is None) == (self.goal_from_baseline is None):
+            raise ConfigError("give exactly one of --goal and --goal-from-baseline")
+        if self.goal is not None and not (0.0 < self.goal <= 1.0):
+            raise ConfigError(f"goal {self.goal} is outside (0, 1]: it is a mean keep ratio")
+        if self.goal_from_baseline is not None and not (0.0 < self.goal_from_baseline <= 1.0):
+            raise ConfigError(f"--goal-from-baseline {self.goal_from_baseline} is outside (0, 1]")
+        if not (0.0 < self.baseline_keep <= 1.0):
+            raise ConfigError(f"baseline keep {self.baseline_keep} is outside (0, 1]")
+        if not (0.0 < self.token_ratio <= 1.0):
+            raise ConfigError(f"token ratio {self.token_ratio} is outside (0, 1]")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(
+                f"unknown strategy {self.strategy!r}; choose {' or '.join(STRATEGIES)}"
+            )
+        if self.screen < 1:
+            raise ConfigError("--screen must be at least 1")
+        if self.calibration < 1:
+            raise ConfigError("--calibration must be at least 1")
+        if not self.top_k_choices or min(self.top_k_choices) < 1:
+            raise ConfigError("top_k choices must be positive integers")
+        lo, hi = self.threshold_range
+        if not lo < hi:
+            raise ConfigError(f"bad threshold range {self.threshold_range}")
+        if self.tolerance <= 0:
+            raise ConfigError("--tolerance must be positive")
+
+    def identity(self) -> dict[str, Any]:
+        d = asdict(self)
+        return {k: (list(d[k]) if isinstance(d[k], tuple) else d[k]) for k in IDENTITY_FIELDS}
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StudySpec:
+        names = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        for k in ("top_k_choices", "threshold_range"):
+            if k in kw:
+                kw[k] = tuple(kw[k])
+        return cls(**kw)
+
+
+def default_study_name(
+    model: str, task: str, goal: float | None, from_baseline: float | None
+) -> str:
+    tail = f"g{goal:g}" if goal is not None else f"b{from_baseline:g}"
+    stem = Path(model).name if ("/" in model and Path(model).exists()) else model
+    return f"{stem}-{task}-{tail}".replace("/", "_").replace(" ", "_")
+
+
+def default_storage(name: str, root: str | Path = "studies") -> str:
+    return f"sqlite:///{Path(root) / (name + '.db')}"
+
+
+# ------------------------------------------------------------------ protocols
+
+
+class Evaluator(Protocol):
+    """Runs a method on given documents of the study's task."""
+
+    metric: str  # the primary metric's name
+
+    def document_ids(self) -> list[int]:
+        """Ids of every document of the evaluation split."""
+
+    def run(self, method: Method, ids: Sequence[int]) -> EvalResult:
+        """Evaluate ``method`` on exactly the documents ``ids``; per-sample scores in order."""
+
+
+class LevelsSource(Protocol):
+    """Turns level parameters into per-layer levels from cached calibration statistics."""
+
+    def levels(self, w_sum: float, w_count: float, threshold: float, top_k: int) -> list[float]: ...
+
+    def solve(
+        self, w_sum: float, w_count: float, top_k: int, goal: float
+    ) -> tuple[float, list[float]]:
+        """(threshold, levels) whose mean comes closest to ``goal``."""
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """A method's result on the screen, stored in the study."""
+
+    label: str
+    method: dict[str, Any]
+    score: float
+    sample_ids: list[int]
+    sample_scores: list[float]
+    density: float | None
+    seconds: float
+
+    @classmethod
+    def from_result(cls, label: str, r: EvalResult) -> Baseline:
+        return cls(
+            label,
+            r.method,
+            _mean(r.sample_scores),
+            list(r.sample_ids),
+            list(r.sample_scores),
+            r.density,
+            r.seconds,
+        )
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return float(sum(xs) / len(xs)) if xs else float("nan")
+
+
+def clamp_levels(levels: Sequence[float]) -> list[float]:
+    """Levels are rounded to 2 decimals, so a layer can come out at 0.00; the engine needs a
+    keep ratio in (0, 1], so such a layer keeps the smallest step, 0.01."""
+    return [min(1.0, max(0.01, round(float(x), 2))) for x in levels]
+
+
+def screen_slices(n: int) -> list[int]:
+    """Cumulative sizes of the growing slices a trial reports on: a quarter, a half, all."""
+    sizes = sorted({max(1, math.ceil(n / 4)), max(1, math.ceil(n / 2)), n})
+    return sizes
+
+
+# ---------------------------------------------------------------------- study
+
+
+@dataclass
+class TrialReport:
+    number: int
+    params: dict[str, Any]
+    achieved: float | None
+    density: float | None
+    value: float | None
+    state: str
+    best: float | None
+    best_number: int | None
+    vs_baseline: Any = None  # PairedDiff or None
+
+
+@dataclass
+class Tuner:
+    """One worker of one study. ``study`` is an optuna.Study whose user attributes hold the
+    spec, the sample ids, the baselines and the goal."""
+
+    study: Any
+    spec: StudySpec
+    evaluator: Evaluator
+    levels: LevelsSource
+    method_defaults: dict[str, Any] = field(default_factory=dict)  # mode etc.
+
+    # -- set-up -------------------------------------------------------------------
+    @property
+    def screen_ids(self) -> list[int]:
+        return list(self.study.user_attrs["screen_ids"])
+
+    @property
+    def goal(self) -> float:
+        return float(self.study.user_attrs["goal"])
+
+    def baseline(self, label: str) -> Baseline:
+        return Baseline(**self.study.user_attrs[f"baseline:{label}"])
+
+    def coreinfer_method(self) -> Method:
+        return Method.coreinfer(
+            self.spec.baseline_keep,
+            self.spec.token_ratio,
+            layers=self.spec.layers,
+            **self.method_defaults,
+        )
+
+    def prepare(
+        self, screen_ids: Sequence[int], on_status: Callable[[str], None] | None = None
+    ) -> None:
+        """Store the screen, evaluate the baselines on it once, and fix the goal."""
+        say = on_status or (lambda _: None)
+        attrs = self.study.user_attrs
+        if "screen_ids" not in attrs:
+            self.study.set_user_attr("screen_ids", [int(i) for i in screen_ids])
+        for label, method in (("coreinfer", self.coreinfer_method()), ("dense", Method.dense())):
+            if f"baseline:{label}" in self.study.user_attrs:
+                continue
+            say(f"evaluating the {label} baseline on the {len(self.screen_ids)}-sample screen")
+            result = self.evaluator.run(method, self.screen_ids)
+            self.study.set_user_attr(
+                f"baseline:{label}", asdict(Baseline.from_result(label, result))
+            )
+        if "goal" not in self.study.user_attrs:
+            if self.spec.goal is not None:
+                goal = self.spec.goal
+            else:
+                density = self.baseline("coreinfer").density
+                if density is None or not math.isfinite(density):
+                    raise ConfigError("CoreInfer's realized density is unknown; give --goal")
+                goal = round(self.spec.goal_from_baseline * density, 4)
+            self.study.set_user_attr("goal", goal)
+
+    # -- one trial ----------------------------------------------------------------
+    def sample(self, trial) -> tuple[dict[str, Any], list[float], float | None]:
+        """Sample parameters; return (params incl. threshold, levels, constraint violation)."""
+        spec = self.spec
+        w_sum = trial.suggest_float("w_sum", 0.0, 1.0, step=0.05)
+        if spec.couple_w_count:
+            w_count = round(1.0 - w_sum, 10)
+        else:
+            w_count = trial.suggest_float("w_count", 0.0, 1.0, step=0.05)
+        top_k = trial.suggest_categorical("top_k", list(spec.top_k_choices))
+        if spec.strategy == "solve":
+            threshold, levels = self.levels.solve(w_sum, w_count, int(top_k), self.goal)
+            violation = None
+        else:
+            lo, hi = spec.threshold_range
+            threshold = trial.suggest_float("threshold", lo, hi, step=0.01)
+            levels = self.levels.levels(w_sum, w_count, threshold, int(top_k))
+            violation = abs(_mean(clamp_levels(levels)) - self.goal) - spec.tolerance
+        params = {
+            "w_sum": w_sum,
+            "w_count": w_count,
+            "threshold": float(threshold),
+            "top_k": int(top_k),
+        }
+        return params, clamp_levels(levels), violation
+
+    def objective(self, trial) -> float:
+        import optuna
+
+        from autosparse.stats import paired_difference
+
+        t0 = time.perf_counter()
+        params, levels, violation = self.sample(trial)
+        achieved = _mean(levels)
+        trial.set_user_attr("params", params)
+        trial.set_user_attr("levels", levels)
+        trial.set_user_attr("achieved_mean", achieved)
+        trial.set_user_attr("goal", self.goal)
+        if violation is not None:
+            trial.set_constraint("goal", violation)
+            trial.set_user_attr("feasible", violation <= 0)
+            if violation > 0:
+                # The seed's grid discarded such settings before any model run; so do we.
+                trial.set_user_attr("skipped", "mean level outside the goal tolerance")
+                raise optuna.TrialPruned()
+        else:
+            trial.set_user_attr("feasible", True)
+
+        method = Method.levels(
+            levels,
+            self.spec.token_ratio,
+            layers=self.spec.layers,
+            params=params,
+            **self.method_defaults,
+        )
+        screen = self.screen_ids
+        ids: list[int] = []
+        scores: list[float] = []
+        densities: list[tuple[float, int]] = []
+        model_seconds = 0.0
+        for step, size in enumerate(screen_slices(len(screen))):
+            chunk = screen[len(ids) : size]
+            result = self.evaluator.run(method, chunk)
+            model_seconds += result.seconds
+            ids += [int(i) for i in result.sample_ids]
+            scores += [float(s) for s in result.sample_scores]
+            if result.density is not None:
+                densities.append((result.density, len(chunk)))
+            value = _mean(scores)
+            trial.report(value, step)
+            self._record(trial, ids, scores, densities, model_seconds, t0)
+            if size < len(screen) and self.spec.prune and trial.should_prune():
+                trial.set_user_attr("pruned_at", len(ids))
+                raise optuna.TrialPruned()
+
+        base = self.baseline("coreinfer")
+        diff = paired_difference(
+            ids, scores, base.sample_ids, base.sample_scores, seed=self.spec.seed
+        )
+        trial.set_user_attr(
+            "vs_coreinfer", {"mean": diff.mean, "low": diff.low, "high": diff.high, "n": diff.n}
+        )
+        self._record(trial, ids, scores, densities, model_seconds, t0)
+        return _mean(scores)
+
+    def _record(self, trial, ids, scores, densities, model_seconds, t0) -> None:
+        total = sum(n for _, n in densities)
+        density = sum(d * n for d, n in densities) / total if total else None
+        trial.set_user_attr("sample_ids", ids)
+        trial.set_user_attr("sample_scores", scores)
+        trial.set_user_attr("density", density)
+        trial.set_user_attr("model_seconds", model_seconds)
+        trial.set_user_attr("seconds", time.perf_counter() - t0)
+
+    # -- the loop -----------------------------------------------------------------
+    def run(
+        self,
+        trials: int,
+        timeout: float | None = None,
+        on_trial: Callable[[TrialReport], None] | None = None,
+    ) -> int:
+        """Run trials until the study holds ``trials`` finished ones (or ``timeout`` seconds
+        pass). Returns how many this worker ran. Several workers may share a study."""
+        from optuna.trial import TrialState
+
+        done_states = (TrialState.COMPLETE, TrialState.PRUNED)
+        start = time.monotonic()
+        ran = 0
+        while True:
+            states = (*done_states, TrialState.RUNNING)
+            if len(self.study.get_trials(deepcopy=False, states=states)) >= trials:
+                break
+            if timeout is not None and time.monotonic() - start >= timeout:
+                break
+            before = {t.number for t in self.study.get_trials(deepcopy=False)}
+            self.study.optimize(self.objective, n_trials=1, catch=(), gc_after_trial=False)
+            ran += 1
+            if on_trial is not None:
+                new = [t for t in self.study.get_trials(deepcopy=False) if t.number not in before]
+                if new:
+                    on_trial(self.trial_report(new[-1]))
+        return ran
+
+    def trial_report(self, t) -> TrialReport:
+        best = best_trial(self.study)
+        return TrialReport(
+            number=t.number,
+            params=t.user_attrs.get("params", t.params),
+            achieved=t.user_attrs.get("achieved_mean"),
+            density=t.user_attrs.get("density"),
+            value=t.value,
+            state=t.state.name,
+            best=None if best is None else best.value,
+            best_number=None if best is None else best.number,
+            vs_baseline=t.user_attrs.get("vs_coreinfer"),
+        )
+
+
+def best_trial(study):
+    """The best feasible complete trial, or None."""
+    try:
+        return study.best_trial
+    except ValueError:
+        return None
+
+
+def finished_trials(study, *, select: str = "mean") -> list:
+    """Complete, feasible trials, best first. ``select="lcb"`` ranks by the lower bound of
+    the paired interval against CoreInfer instead of the raw mean."""
+    from optuna.trial import TrialState
+
+    rows = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if t.user_attrs.get("feasible", True) and all(v <= 0 for v in t.constraints.values())
+    ]
+    if select == "lcb":
+        key = lambda t: (t.user_attrs.get("vs_coreinfer") or {}).get("low", float("-inf"))  # noqa: E731
+    elif select == "mean":
+        key = lambda t: t.value  # noqa: E731
+    else:
+        raise ConfigError(f"unknown selection {select!r}; choose mean or lcb")
+    return sorted(rows, key=key, reverse=True)
+
+
+# --------------------------------------------------------------------- storage
+
+
+def open_storage(url: str, *, heartbeat: int | None = 60):
+    """An Optuna RDB storage with heartbeats (a dead worker's trial is retried once).
+    Raises StorageError in one line when the database cannot be opened."""
+    import optuna
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+
+    try:
+        from sqlalchemy.engine import make_url
+
+        parsed = make_url(url)
+    except Exception as exc:  # noqa: BLE001 - any parse failure is a bad URL
+        raise StorageError(f"cannot open storage {url!r}: not a database URL") from exc
+    engine_kwargs: dict[str, Any] = {}
+    if parsed.get_backend_name() == "sqlite":
+        db = parsed.database or ""
+        if db and db != ":memory:":
+            Path(db).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        engine_kwargs["connect_args"] = {"timeout": 60}
+    elif parsed.get_backend_name() == "postgresql":
+        engine_kwargs["connect_args"] = {"connect_timeout": 10}
+        import importlib.util
+
+        if parsed.drivername == "postgresql" and importlib.util.find_spec("psycopg") is None:
+            url = parsed.set(drivername="postgresql+psycopg2").render_as_string(hide_password=False)
+    kw: dict[str, Any] = {}
+    if heartbeat:
+        kw = {
+            "heartbeat_interval": heartbeat,
+            "grace_period": 3 * heartbeat,
+            "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(max_retry=2),
+        }
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        return RDBStorage(url, engine_kwargs=engine_kwargs, **kw)
+    except Exception as exc:  # noqa: BLE001 - sqlalchemy/driver errors of many kinds
+        shown = parsed.render_as_string(hide_password=True)
+        first = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+        raise StorageError(
+            f"cannot open storage {shown}: {first[0] if first else type(exc).__name__}"
+        ) from exc
+
+
+def load_existing(storage, name: str):
+    """The study ``name`` in ``storage``, or None if it does not exist."""
+    import optuna
+
+    try:
+        return optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        return None
+
+
+def check_spec(study, spec: StudySpec) -> None:
+    """Refuse to resume a study created for another model, task or setting."""
+    stored = study.user_attrs.get(SPEC_ATTR)
+    if stored is None:
+        return
+    theirs = StudySpec.from_dict(stored).identity()
+    ours = spec.identity()
+    diffs = [k for k in IDENTITY_FIELDS if theirs.get(k) != ours.get(k)]
+    if diffs:
+        k = diffs[0]
+        raise StorageError(
+            f"study {study.study_name!r} was created with {k}={theirs.get(k)!r}, not {ours.get(k)!r}; "
+            "use another --study name or the original settings"
+        )
+
+
+def create_or_resume(storage, name: str, spec: StudySpec):
+    """Create the study (stamped with its spec) or resume it after checking the spec."""
+    import optuna
+    from optuna.pruners import NopPruner, SuccessiveHalvingPruner
+
+    existing = load_existing(storage, name)
+    if existing is not None:
+        check_spec(existing, spec)
+    sampler = optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=8)
+    pruner = (
+        SuccessiveHalvingPruner(min_resource=1, reduction_factor=2) if spec.prune else NopPruner()
+    )
+    study = optuna.create_study(
+        study_name=name,
+        storage=storage,
+        direction="maximize",
+        sampler=sampler,
+        pruner=pruner,
+        load_if_exists=True,
+    )
+    if SPEC_ATTR not in study.user_attrs:
+        study.set_user_attr(SPEC_ATTR, spec.to_dict())
+    return study
+
+
+def reference_grid(
+    goal: float, levels: LevelsSource, *, relu: bool = False, tolerance: float = 0.01
+) -> list[dict[str, Any]]:
+    """The seed's grid points whose mean level is within ``tolerance`` of the goal (its
+    "hits"), as parameter dicts ready to enqueue (``top_k`` 100)."""
+    if relu:
+        w_sums = [round(0.1 + 0.05 * i, 2) for i in range(19)]
+        thresholds = [round(0.01 + 0.01 * i, 2) for i in range(10)]
+    else:
+        w_sums = [round(0.1 + 0.05 * i, 2) for i in range(18)]
+        thresholds = [round(0.15 + 0.01 * i, 2) for i in range(36)]
+    hits = []
+    for w in w_sums:
+        for th in thresholds:
+            lv = clamp_levels(levels.levels(w, round(1 - w, 10), th, 100))
+            if abs(_mean(lv) - goal) <= tolerance:
+                hits.append({"w_sum": w, "threshold": th, "top_k": 100})
+    return hits

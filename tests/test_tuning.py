@@ -1,0 +1,212 @@
+"""The study logic with a stand-in evaluator and levels source (no model needed)."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import textwrap
+
+import optuna
+import pytest
+
+from autosparse.errors import ConfigError, StorageError
+from autosparse.methods import Method
+from autosparse.results import EvalResult
+from autosparse.tuning import (
+    StudySpec,
+    Tuner,
+    clamp_levels,
+    create_or_resume,
+    finished_trials,
+    open_storage,
+    screen_slices,
+)
+
+LAYERS = 6
+
+
+class FakeLevels:
+    """Levels fall linearly with the threshold; w_sum tilts them across layers."""
+
+    def levels(self, w_sum, w_count, threshold, top_k):
+        return [
+            min(1.0, max(0.0, round(1.0 - threshold + (w_sum - 0.5) * (i - 2.5) / 10, 2)))
+            for i in range(LAYERS)
+        ]
+
+    def solve(self, w_sum, w_count, top_k, goal):
+        best = min(
+            (
+                abs(sum(clamp_levels(self.levels(w_sum, w_count, t / 100, top_k))) / LAYERS - goal),
+                t / 100,
+            )
+            for t in range(0, 101)
+        )
+        return best[1], self.levels(w_sum, w_count, best[1], top_k)
+
+
+class FakeEvaluator:
+    """Score of a document: more kept neurons (and a w_sum near 0.3) score higher."""
+
+    metric = "acc"
+
+    def __init__(self, n_docs=40):
+        self.n_docs = n_docs
+        self.calls: list[tuple[str, tuple[int, ...]]] = []
+
+    def document_ids(self):
+        return list(range(self.n_docs))
+
+    def run(self, method: Method, ids):
+        self.calls.append((method.name, tuple(ids)))
+        keep = method.mean_keep
+        w = method.params.get("w_sum", 0.3)
+        scores = [keep - (w - 0.3) ** 2 + ((i * 7919) % 13) / 100 for i in ids]
+        return EvalResult(
+            model="fake",
+            task="fake",
+            method=method.to_dict(),
+            metric="acc",
+            score=sum(scores) / len(scores),
+            sample_ids=list(ids),
+            sample_scores=scores,
+            density=None if method.name == "dense" else keep * 0.9,
+            seconds=0.01,
+        )
+
+
+def make_tuner(tmp_path, name="s", **spec_kw):
+    spec_kw.setdefault("goal", 0.4)
+    spec = StudySpec(model="fake", model_id="fake-id", task="fake", screen=16, **spec_kw)
+    storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat=None)
+    study = create_or_resume(storage, name, spec)
+    tuner = Tuner(study, spec, FakeEvaluator(), FakeLevels())
+    tuner.prepare(list(range(100, 116)))
+    return tuner
+
+
+def test_solve_trials_all_meet_the_goal(tmp_path):
+    tuner = make_tuner(tmp_path)
+    tuner.run(trials=10)
+    done = finished_trials(tuner.study)
+    assert done
+    for t in tuner.study.trials:
+        assert abs(t.user_attrs["achieved_mean"] - 0.4) <= 0.01
+        assert t.user_attrs["levels"] == clamp_levels(t.user_attrs["levels"])
+    best = done[0]
+    assert best.user_attrs["sample_ids"] == list(range(100, 116))
+    assert "vs_coreinfer" in best.user_attrs
+
+
+def test_baselines_are_evaluated_once_on_the_screen(tmp_path):
+    tuner = make_tuner(tmp_path)
+    tuner.prepare(list(range(100, 116)))  # a second prepare re-uses what is stored
+    tuner.run(trials=3)
+    baseline_calls = [c for c in tuner.evaluator.calls if c[0] != "levels"]
+    assert [c[0] for c in baseline_calls] == ["coreinfer", "dense"]
+    assert all(c[1] == tuple(range(100, 116)) for c in baseline_calls)
+    assert tuner.baseline("coreinfer").density == pytest.approx(0.36)
+
+
+def test_constrained_trials_outside_the_tolerance_are_infeasible(tmp_path):
+    tuner = make_tuner(tmp_path, strategy="constrained", tolerance=0.02)
+    tuner.run(trials=12)
+    feasible = [t for t in tuner.study.trials if t.user_attrs["feasible"]]
+    infeasible = [t for t in tuner.study.trials if not t.user_attrs["feasible"]]
+    assert infeasible, "a threshold in [0, 1] should often miss a 0.4 goal"
+    for t in infeasible:
+        assert t.constraints["goal"] > 0
+        assert abs(t.user_attrs["achieved_mean"] - 0.4) > 0.02
+        assert t.state == optuna.trial.TrialState.PRUNED
+    for t in feasible:
+        assert t.constraints["goal"] <= 0
+    evaluated = {c[1] for c in tuner.evaluator.calls if c[0] == "levels"}
+    assert len(evaluated) <= 3 * len(feasible)  # no model run for infeasible settings
+
+
+def test_pruning_reports_growing_slices(tmp_path):
+    tuner = make_tuner(tmp_path)
+    tuner.run(trials=12)
+    for t in tuner.study.trials:
+        steps = sorted(t.intermediate_values)
+        assert steps == list(range(len(steps)))
+        n = len(t.user_attrs["sample_ids"])
+        assert n == screen_slices(16)[len(steps) - 1]
+    assert screen_slices(16) == [4, 8, 16]
+    assert screen_slices(1) == [1]
+
+
+def test_same_seed_gives_the_same_study(tmp_path):
+    a = make_tuner(tmp_path / "a")
+    a.run(trials=6)
+    b = make_tuner(tmp_path / "b")
+    b.run(trials=6)
+    assert [t.params for t in a.study.trials] == [t.params for t in b.study.trials]
+    assert [t.value for t in a.study.trials] == [t.value for t in b.study.trials]
+
+
+def test_resume_keeps_finished_trials_and_continues(tmp_path):
+    first = make_tuner(tmp_path)
+    first.run(trials=4)
+    numbers = [(t.number, t.params) for t in first.study.trials]
+    again = make_tuner(tmp_path)
+    ran = again.run(trials=7)
+    assert ran == 3
+    assert [(t.number, t.params) for t in again.study.trials][:4] == numbers
+    assert len(again.study.trials) == 7
+
+
+def test_a_study_of_another_model_is_refused(tmp_path):
+    make_tuner(tmp_path).run(trials=1)
+    spec = StudySpec(model="other", model_id="other-id", task="fake", goal=0.4, screen=16)
+    storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat=None)
+    with pytest.raises(StorageError, match="model_id='fake-id'"):
+        create_or_resume(storage, "s", spec)
+    assert len(optuna.load_study(study_name="s", storage=storage).trials) == 1
+
+
+@pytest.mark.parametrize("goal", [0.0, 1.5, -0.2])
+def test_goal_outside_unit_interval_is_refused(goal):
+    with pytest.raises(ConfigError, match="outside"):
+        StudySpec(model="m", model_id="m", task="t", goal=goal)
+
+
+def test_unreachable_storage_is_one_line_error(tmp_path):
+    with pytest.raises(StorageError, match="cannot open storage") as err:
+        open_storage("postgresql://nobody@127.0.0.1:1/none", heartbeat=None)
+    assert "\n" not in str(err.value)
+    with pytest.raises(StorageError, match="not a database URL"):
+        open_storage("not a url", heartbeat=None)
+
+
+def test_goal_from_baseline(tmp_path):
+    tuner = make_tuner(tmp_path, goal=None, goal_from_baseline=0.9)
+    assert tuner.goal == pytest.approx(0.9 * 0.36)
+    tuner.run(trials=3)
+    for t in tuner.study.trials:
+        assert math.isclose(t.user_attrs["goal"], 0.324)
+
+
+WORKER = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, {tests!r})
+    from test_tuning import make_tuner
+    from pathlib import Path
+    tuner = make_tuner(Path({tmp!r}))
+    tuner.run(trials=16)
+    """
+)
+
+
+def test_two_processes_share_one_sqlite_study(tmp_path):
+    make_tuner(tmp_path)  # create the study and its baselines first
+    code = WORKER.format(tests=str(__import__("pathlib").Path(__file__).parent), tmp=str(tmp_path))
+    procs = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(2)]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat=None)
+    trials = optuna.load_study(study_name="s", storage=storage).trials
+    assert sorted(t.number for t in trials) == list(range(len(trials)))
+    assert 16 <= len(trials) <= 17  # two workers may both start the last trial
+    assert all(t.state.is_finished() for t in trials)
