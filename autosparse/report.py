@@ -1,0 +1,467 @@
+"""Result rows -> rich tables, Markdown and JSON reports (the seed's tables, made honest).
+
+Every table names the keep number unambiguously: "kept (CoreInfer 'sparsity')" is the
+planned mean fraction of FFN neurons kept per sparse layer (what CoreInfer's code and the
+seed's tables call "sparsity"), "realized density" is what decode actually ran.
+
+rich is imported inside the functions that build tables, so importing this module is cheap.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from autosparse.errors import ConfigError
+from autosparse.results import EvalResult
+from autosparse.stats import PairedDiff, mean_and_stderr, paired_difference
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+KEPT_HEADER = "kept (CoreInfer 'sparsity')"
+DENSITY_HEADER = "realized density"
+PARAMS_HEADER = "params [w_sum, w_count, threshold, top_k]"
+PARAM_NAMES = ("w_sum", "w_count", "threshold", "top_k")
+
+LEGEND = (
+    f"**{KEPT_HEADER}**: planned mean fraction of FFN neurons kept per sparse layer; "
+    "CoreInfer's code and the seed's tables call this number 'sparsity' "
+    "(0.4 keeps 40% of the neurons). "
+    f"**{DENSITY_HEADER}**: fraction of FFN neurons decode actually ran, averaged over "
+    "sequences (it can fall below the planned keep on ReLU models). "
+    "**% of CoreInfer / % of dense**: metric / reference metric. "
+    "**Δ vs CoreInfer**: mean paired difference of per-sample scores on the same samples, "
+    "with a bootstrap confidence interval; for corpus-level metrics such as BLEU the "
+    "per-sample mean is not the reported score. **verdict**: better or worse when the "
+    "interval excludes 0, else unclear."
+)
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class ReportRow:
+    """One evaluated setting. ``method`` is dense, coreinfer or levels. ``params`` holds
+    the levels parameters (w_sum, w_count, threshold, top_k) when the row came from them;
+    ``keep`` is CoreInfer's uniform keep ratio. ``planned_keep`` is the planned mean keep
+    over sparse layers (1.0 for dense); ``density`` the realized one. ``diff`` is the
+    paired difference from CoreInfer on per-sample scores; ``is_baseline`` marks the
+    CoreInfer row itself. Percentages are None when the reference is missing or not
+    positive."""
+
+    label: str
+    method: str
+    value: float
+    n: int = 0
+    params: dict[str, Any] | None = None
+    keep: float | None = None
+    token_ratio: float | None = None
+    planned_keep: float | None = None
+    density: float | None = None
+    pct_coreinfer: float | None = None
+    pct_dense: float | None = None
+    diff: PairedDiff | None = None
+    stderr: float | None = None
+    is_baseline: bool = False
+
+    @property
+    def verdict(self) -> str:
+        """"baseline", "better", "worse", "unclear", or "" without a paired difference."""
+        if self.is_baseline:
+            return "baseline"
+        if self.diff is None:
+            return ""
+        if self.diff.low > 0:
+            return "better"
+        if self.diff.high < 0:
+            return "worse"
+        return "unclear"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["diff"] = None if self.diff is None else self.diff.to_dict()
+        d["params"] = None if self.params is None else dict(self.params)
+        return {k: _finite(v) for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ReportRow:
+        d = dict(d)
+        if d.get("diff") is not None:
+            d["diff"] = PairedDiff.from_dict(d["diff"])
+        if d.get("value") is None:
+            d["value"] = math.nan
+        return cls(**d)
+
+
+@dataclass
+class ReportSection:
+    """One table: e.g. "Screen (100 samples)" or "Full dataset"."""
+
+    title: str
+    rows: list[ReportRow] = field(default_factory=list)
+    note: str = ""
+
+
+@dataclass
+class Report:
+    """A finalize report: one model, one task, one metric, one or more tables.
+    ``meta`` holds free-form facts shown as a list (samples, seed, goal, study, ...)."""
+
+    title: str
+    model: str
+    task: str
+    metric: str
+    sections: list[ReportSection] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- building rows
+
+
+def percent_of(value: float | None, reference: float | None) -> float | None:
+    """100 * value / reference, or None when either is missing or not finite, or the
+    reference is not positive (a ratio to a negative score reads backwards)."""
+    if value is None or reference is None:
+        return None
+    if not (math.isfinite(value) and math.isfinite(reference)) or reference <= 0:
+        return None
+    return 100.0 * value / reference
+
+
+def _planned_keep(method: Mapping[str, Any]) -> float | None:
+    keep = method.get("keep")
+    if method.get("name") == "dense" or keep is None:
+        return 1.0 if method.get("name") == "dense" else None
+    if isinstance(keep, (list, tuple)):
+        return sum(float(k) for k in keep) / len(keep) if keep else None
+    return float(keep)
+
+
+def make_row(
+    label: str,
+    result: EvalResult,
+    *,
+    coreinfer: EvalResult | None = None,
+    dense: EvalResult | None = None,
+    params: Mapping[str, Any] | None = None,
+    n_boot: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+    allow_subset: bool = False,
+) -> ReportRow:
+    """A row for ``result``, compared with the ``coreinfer`` and ``dense`` results when
+    given. The paired difference needs both on the same sample ids (SampleMismatchError
+    otherwise, unless ``allow_subset``). Pass the levels parameters as ``params``
+    (``Method.to_dict()`` does not carry them); a ``params`` entry in the stored method
+    dict is used when ``params`` is None."""
+    method = dict(result.method)
+    name = str(method.get("name", ""))
+    if params is None and isinstance(method.get("params"), Mapping):
+        params = method["params"]
+    diff = None
+    if coreinfer is not None and result.sample_scores and coreinfer.sample_scores:
+        diff = paired_difference(
+            result.sample_ids,
+            result.sample_scores,
+            coreinfer.sample_ids,
+            coreinfer.sample_scores,
+            n_boot=n_boot,
+            seed=seed,
+            level=level,
+            allow_subset=allow_subset,
+        )
+    stderr = None
+    if len(result.sample_scores) > 1:
+        try:
+            stderr = mean_and_stderr(result.sample_scores)[1]
+        except ValueError:
+            stderr = None
+    keep = method.get("keep") if name == "coreinfer" else None
+    return ReportRow(
+        label=label,
+        method=name,
+        value=float(result.score),
+        n=len(result.sample_ids) or len(result.sample_scores),
+        params=None if params is None else dict(params),
+        keep=None if keep is None else float(keep),
+        token_ratio=None if name == "dense" else method.get("token_ratio"),
+        planned_keep=_planned_keep(method),
+        density=1.0 if name == "dense" and result.density is None else result.density,
+        pct_coreinfer=None if coreinfer is None else percent_of(result.score, coreinfer.score),
+        pct_dense=None if dense is None else percent_of(result.score, dense.score),
+        diff=diff,
+        stderr=stderr,
+        is_baseline=coreinfer is not None and result is coreinfer,
+    )
+
+
+# --------------------------------------------------------------------------- cells
+
+
+def _finite(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def _missing(v: float | None) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def _num(v: float | None) -> str:
+    if _missing(v):
+        return "—"
+    v = float(v)
+    return f"{v:.0f}" if abs(v) >= 1000 else f"{v:.4g}"
+
+
+def _fixed(v: float | None, digits: int = 3) -> str:
+    return "—" if _missing(v) else f"{float(v):.{digits}f}"
+
+
+def _pct(v: float | None) -> str:
+    return "—" if _missing(v) else f"{v:.1f}%"
+
+
+def _decimals(*values: float, significant: int = 3) -> int:
+    """Decimals that give the largest value ``significant`` significant digits."""
+    top = max((abs(v) for v in values if math.isfinite(v)), default=0.0)
+    if top == 0.0:
+        return significant
+    return max(0, significant - 1 - math.floor(math.log10(top)))
+
+
+def _params_cell(row: ReportRow) -> str:
+    if row.params:
+        if all(k in row.params for k in PARAM_NAMES):
+            return "[" + ", ".join(f"{float(row.params[k]):g}" for k in PARAM_NAMES) + "]"
+        return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.params.items())
+    if row.method == "coreinfer" and row.keep is not None:
+        q = "" if row.token_ratio is None else f", token ratio {row.token_ratio:g}"
+        return f"keep {row.keep:g}{q}"
+    return "—"
+
+
+def _diff_cell(row: ReportRow) -> str:
+    d = row.diff
+    if d is None or row.is_baseline:
+        return "—"
+    k = _decimals(d.mean, d.low, d.high)
+    return f"{d.mean:+.{k}f} [{d.low:+.{k}f}, {d.high:+.{k}f}]"
+
+
+def _headers(metric: str, level: float = 0.95) -> list[str]:
+    return [
+        "setting",
+        PARAMS_HEADER,
+        KEPT_HEADER,
+        DENSITY_HEADER,
+        metric,
+        "% of CoreInfer",
+        "% of dense",
+        f"Δ vs CoreInfer [{level:.0%} CI]",
+        "verdict",
+        "n",
+    ]
+
+
+def _cells(row: ReportRow) -> list[str]:
+    return [
+        row.label,
+        _params_cell(row),
+        _fixed(row.planned_keep),
+        _fixed(row.density),
+        _num(row.value),
+        _pct(row.pct_coreinfer),
+        _pct(row.pct_dense),
+        _diff_cell(row),
+        row.verdict or "—",
+        str(row.n) if row.n else "—",
+    ]
+
+
+def _level_of(rows: Sequence[ReportRow]) -> float:
+    return next((r.diff.level for r in rows if r.diff is not None), 0.95)
+
+
+# --------------------------------------------------------------------------- rich
+
+
+_RICH_BREAKS = {
+    PARAMS_HEADER: "params\n[w_sum, w_count,\nthreshold, top_k]",
+    KEPT_HEADER: "kept\n(CoreInfer\n'sparsity')",
+    DENSITY_HEADER: "realized\ndensity",
+    "% of CoreInfer": "% of\nCoreInfer",
+    "% of dense": "% of\ndense",
+}
+_VERDICT_STYLE = {"better": "green", "worse": "red", "baseline": "dim"}
+
+
+def rows_table(rows: Sequence[ReportRow], title: str, metric: str) -> Table:
+    """A rich table of ``rows`` with the columns of the Markdown report."""
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAVY, pad_edge=False)
+    for i, h in enumerate(_headers(metric, _level_of(rows))):
+        # Headers break at chosen places. On a narrow terminal the text columns wrap at
+        # spaces while numbers are never cut.
+        header = Text(_RICH_BREAKS.get(h, h.replace("CoreInfer [", "CoreInfer\n[")))
+        text_column = i in (0, 1, 7, 8)
+        justify = "left" if i < 2 or h == "verdict" else "right"
+        table.add_column(
+            header,
+            justify=justify,
+            no_wrap=not text_column,
+            min_width={0: 9, 1: 9, 7: 8, 8: 8}.get(i),
+            overflow="fold",
+        )
+    for row in rows:
+        cells = [Text(c) for c in _cells(row)]  # Text: "[0.4, ...]" is not rich markup
+        style = _VERDICT_STYLE.get(row.verdict)
+        if style:
+            cells[8].stylize(style)
+        table.add_row(*cells)
+    return table
+
+
+def report_tables(report: Report) -> list[Table]:
+    """One rich table per section."""
+    return [rows_table(s.rows, s.title, report.metric) for s in report.sections]
+
+
+_BLOCKS = " ▏▎▍▌▋▊▉█"
+
+
+def _bar(fraction: float, width: int) -> str:
+    fraction = min(max(fraction, 0.0), 1.0)
+    eighths = round(fraction * width * 8)
+    full, part = divmod(eighths, 8)
+    return ("█" * full + (_BLOCKS[part] if part else "")).ljust(width)
+
+
+def levels_table(
+    layers: Sequence[int],
+    levels: Sequence[float | None],
+    *,
+    width: int = 40,
+    title: str | None = None,
+) -> Table:
+    """Per-layer keep ratios with a text bar each. A level of None marks a layer that
+    runs dense. The caption gives the mean over the sparse layers."""
+    from rich.table import Table
+    from rich.text import Text
+
+    if len(layers) != len(levels):
+        raise ConfigError(f"{len(layers)} layers but {len(levels)} levels")
+    table = Table(title=title, title_justify="left")
+    table.add_column("layer", justify="right")
+    table.add_column("kept", justify="right")
+    table.add_column("", justify="left", no_wrap=True)
+    sparse = []
+    for layer, lv in zip(layers, levels, strict=True):
+        if lv is None:
+            table.add_row(str(layer), "dense", Text(_bar(1.0, width), style="dim"))
+            continue
+        sparse.append(float(lv))
+        table.add_row(str(layer), f"{float(lv):.2f}", Text(_bar(float(lv), width), style="cyan"))
+    if sparse:
+        table.caption = f"mean kept {sum(sparse) / len(sparse):.3f} over {len(sparse)} sparse layers"
+    return table
+
+
+# --------------------------------------------------------------------------- markdown / json
+
+
+def _md_escape(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _md_table(rows: Sequence[ReportRow], metric: str) -> list[str]:
+    headers = _headers(metric, _level_of(rows))
+    right = {2, 3, 4, 5, 6, 7, 9}
+    lines = [
+        "| " + " | ".join(_md_escape(h) for h in headers) + " |",
+        "|" + "|".join("---:" if i in right else "---" for i in range(len(headers))) + "|",
+    ]
+    for row in rows:
+        lines.append("| " + " | ".join(_md_escape(c) for c in _cells(row)) + " |")
+    return lines
+
+
+def to_markdown(report: Report) -> str:
+    """The report as Markdown: title, facts, one table per section, legend, notes."""
+    out = [f"# {report.title}", ""]
+    facts = {"model": report.model, "task": report.task, "metric": report.metric, **report.meta}
+    out += [f"- **{k}**: {v}" for k, v in facts.items() if v is not None and v != ""]
+    out.append("")
+    for section in report.sections:
+        out += [f"## {section.title}", ""]
+        if section.note:
+            out += [section.note, ""]
+        out += _md_table(section.rows, report.metric)
+        out.append("")
+    out += [LEGEND, ""]
+    if report.notes:
+        out += ["## Notes", ""] + [f"- {n}" for n in report.notes] + [""]
+    return "\n".join(out)
+
+
+def to_json(report: Report) -> dict[str, Any]:
+    """The report as a JSON-able dict (non-finite numbers become null); ``from_json``
+    reads it back."""
+    return {
+        "title": report.title,
+        "model": report.model,
+        "task": report.task,
+        "metric": report.metric,
+        "meta": json.loads(json.dumps(report.meta, default=str)),
+        "notes": list(report.notes),
+        "sections": [
+            {"title": s.title, "note": s.note, "rows": [r.to_dict() for r in s.rows]}
+            for s in report.sections
+        ],
+    }
+
+
+def from_json(d: Mapping[str, Any]) -> Report:
+    """Inverse of ``to_json``."""
+    return Report(
+        title=d["title"],
+        model=d["model"],
+        task=d["task"],
+        metric=d["metric"],
+        meta=dict(d.get("meta") or {}),
+        notes=list(d.get("notes") or []),
+        sections=[
+            ReportSection(
+                title=s["title"],
+                note=s.get("note", ""),
+                rows=[ReportRow.from_dict(r) for r in s.get("rows", [])],
+            )
+            for s in d.get("sections", [])
+        ],
+    )
+
+
+def write_report(report: Report, directory: str | Path) -> tuple[Path, Path]:
+    """Write ``report.md`` and ``report.json`` into ``directory`` (created if needed);
+    returns their paths."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    md_path = directory / "report.md"
+    json_path = directory / "report.json"
+    md_path.write_text(to_markdown(report), encoding="utf-8")
+    json_path.write_text(
+        json.dumps(to_json(report), indent=2, ensure_ascii=False, allow_nan=False) + "\n",
+        encoding="utf-8",
+    )
+    return md_path, json_path
