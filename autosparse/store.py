@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import json
 import math
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields
 from datetime import datetime, timezone
@@ -34,7 +35,12 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.engine import URL, Engine, make_url
-from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
+from sqlalchemy.exc import (
+    ArgumentError,
+    IntegrityError,
+    NoSuchModuleError,
+    SQLAlchemyError,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.pool import StaticPool
 
@@ -213,6 +219,17 @@ def _postgres_driver(url: URL) -> URL:
     return url
 
 
+def _lost_creation_race(exc: BaseException) -> bool:
+    """Workers started together race to create the tables and the schema row; the loser
+    sees "already exists" or a duplicate key, and only needs to look again."""
+    if isinstance(exc, IntegrityError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, SQLAlchemyError) and (
+        "already exists" in text or "database is locked" in text
+    )
+
+
 class ResultStore:
     """Evaluations in the database at ``url`` (created, with its tables, on first use).
 
@@ -273,23 +290,35 @@ class ResultStore:
         self._engine.dispose()
 
     def _init_schema(self) -> None:
-        try:
-            _Base.metadata.create_all(self._engine)
-            with self.session() as s:
-                row = s.get(_SchemaRow, 1)
-                if row is None:
-                    s.add(_SchemaRow(id=1, version=SCHEMA_VERSION))
-                elif row.version != SCHEMA_VERSION:
-                    raise StorageError(
-                        f"storage {self._shown} holds autosparse results of schema version "
-                        f"{row.version}; this autosparse reads version {SCHEMA_VERSION}"
-                    )
-        except StorageError:
+        attempts = 5
+        for attempt in range(attempts):
+            try:
+                _Base.metadata.create_all(self._engine)
+                self._check_schema_row()
+                return
+            except StorageError as exc:
+                if not isinstance(exc.__cause__, SQLAlchemyError):  # e.g. a schema mismatch
+                    self._engine.dispose()
+                    raise
+                error: BaseException = exc.__cause__
+            except (SQLAlchemyError, OSError) as exc:
+                error = exc
+            if attempt + 1 < attempts and _lost_creation_race(error):
+                time.sleep(0.05 * (attempt + 1))
+                continue
             self._engine.dispose()
-            raise
-        except (SQLAlchemyError, OSError) as exc:
-            self._engine.dispose()
-            raise StorageError(f"cannot open storage {self._shown}: {_one_line(exc)}") from exc
+            raise StorageError(f"cannot open storage {self._shown}: {_one_line(error)}") from error
+
+    def _check_schema_row(self) -> None:
+        with self.session() as s:
+            row = s.get(_SchemaRow, 1)
+            if row is None:
+                s.add(_SchemaRow(id=1, version=SCHEMA_VERSION))
+            elif row.version != SCHEMA_VERSION:
+                raise StorageError(
+                    f"storage {self._shown} holds autosparse results of schema version "
+                    f"{row.version}; this autosparse reads version {SCHEMA_VERSION}"
+                )
 
     @contextlib.contextmanager
     def session(self) -> Iterator[Session]:

@@ -273,3 +273,30 @@ def test_not_a_database_file(tmp_path):
     with pytest.raises(StorageError) as info:
         ResultStore(f"sqlite:///{bad}")
     assert "\n" not in str(info.value)
+
+
+def _open_and_save(url: str, barrier, i: int, out) -> None:
+    try:
+        barrier.wait(timeout=30)
+        with ResultStore(url) as s:
+            s.save(_result(Method.coreinfer(0.4), score=float(i)))
+        out.put(None)
+    except BaseException as exc:  # reported to the parent, which fails the test
+        out.put(f"{type(exc).__name__}: {exc}")
+
+
+def test_workers_starting_together_on_a_new_database(url):
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    n = 4
+    barrier, out = ctx.Barrier(n), ctx.Queue()
+    procs = [ctx.Process(target=_open_and_save, args=(url, barrier, i, out)) for i in range(n)]
+    for p in procs:
+        p.start()
+    errors = [out.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    assert errors == [None] * n
+    with ResultStore(url) as s:
+        assert sorted(r.score for r in s.list()) == [0.0, 1.0, 2.0, 3.0]
