@@ -210,3 +210,25 @@ def test_two_processes_share_one_sqlite_study(tmp_path):
     assert sorted(t.number for t in trials) == list(range(len(trials)))
     assert 16 <= len(trials) <= 17  # two workers may both start the last trial
     assert all(t.state.is_finished() for t in trials)
+
+
+def test_finalize_reports_top_trials_avg_and_baselines(tmp_path):
+    from autosparse.finalize import finalize, held_out_ids
+    from autosparse.report import to_markdown
+
+    tuner = make_tuner(tmp_path)
+    tuner.study.set_user_attr("calibration_ids", [0, 1, 2, 3])
+    tuner.run(trials=6)
+    report = finalize(tuner.study, tuner.spec, tuner.evaluator, top_k=2, limit=10)
+    held_out, screen = report.sections
+    labels = [r.label for r in held_out.rows]
+    assert labels[:2] == ["CoreInfer keep=0.4", "dense"]
+    assert labels[-1] == "AVG of top 2" and len(labels) == 5
+    ids = tuner.evaluator.calls[-1][1]
+    assert len(ids) == 10 and not set(ids) & {0, 1, 2, 3}
+    assert all(r.n == 10 for r in held_out.rows)
+    assert screen.rows[2].value == finished_trials(tuner.study)[0].value
+    assert "AVG of top 2" in to_markdown(report)
+    assert held_out_ids(range(10), calibration=[0, 1]) == list(range(2, 10))
+    with pytest.raises(ConfigError, match="exceeds"):
+        held_out_ids(range(10), calibration=[0], screen=[1, 2], limit=8)

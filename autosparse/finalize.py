@@ -1,0 +1,230 @@
+"""Finalize a study: the top trials and their average on held-out data, beside CoreInfer
+and dense, as a report that says whether tuned levels beat CoreInfer and how sure we are."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from autosparse.errors import ConfigError
+from autosparse.methods import Method
+from autosparse.tuning import Evaluator, StudySpec, clamp_levels, finished_trials
+
+
+def average_levels(vectors: Sequence[Sequence[float]]) -> list[float]:
+    """The seed's AVG: element-wise mean of level vectors, rounded to 2 decimals."""
+    try:
+        from autosparse.levels import average_levels as shared
+    except ImportError:  # pragma: no cover - levels module always ships
+        shared = None
+    if shared is not None:
+        return list(shared(vectors))
+    n = len(vectors)
+    return [round(sum(col) / n, 2) for col in zip(*vectors, strict=True)]
+
+
+def held_out_ids(
+    all_ids: Sequence[int],
+    *,
+    calibration: Sequence[int] = (),
+    screen: Sequence[int] = (),
+    limit: int | None = None,
+    seed: int = 42,
+) -> list[int]:
+    """Documents a finalize evaluates: never calibration documents; with ``limit``, a
+    seeded random sample that also avoids the screen (so the screen's winner is judged on
+    data it was not picked on); without, the whole set minus calibration."""
+    banned = set(calibration)
+    pool = [i for i in all_ids if i not in banned]
+    if limit is None:
+        return pool
+    fresh = [i for i in pool if i not in set(screen)]
+    if limit > len(fresh):
+        raise ConfigError(
+            f"--limit {limit} exceeds the {len(fresh)} documents outside the calibration and "
+            "screening samples; use a smaller --limit or --full"
+        )
+    return sorted(random.Random(seed).sample(fresh, limit))
+
+
+@dataclass(frozen=True)
+class Candidate:
+    label: str
+    method: Method
+    params: dict | None
+    screen_value: float | None
+
+
+def candidates(
+    study, spec: StudySpec, *, top_k: int, select: str, mode: str = "masked"
+) -> list[Candidate]:
+    """The top-k trials and the AVG of their levels."""
+    trials = finished_trials(study, select=select)[:top_k]
+    if not trials:
+        raise ConfigError(
+            f"study {study.study_name!r} has no finished feasible trial yet; run autosparse tune first"
+        )
+    out = []
+    for t in trials:
+        params = dict(t.user_attrs.get("params") or t.params)
+        method = Method.levels(
+            t.user_attrs["levels"], spec.token_ratio, layers=spec.layers, mode=mode, params=params
+        )
+        out.append(Candidate(f"trial #{t.number}", method, params, t.value))
+    if len(trials) > 1:
+        avg = clamp_levels(average_levels([t.user_attrs["levels"] for t in trials]))
+        out.append(
+            Candidate(
+                f"AVG of top {len(trials)}",
+                Method.levels(
+                    avg,
+                    spec.token_ratio,
+                    layers=spec.layers,
+                    mode=mode,
+                    params={"average_of": [t.number for t in trials]},
+                ),
+                None,
+                None,
+            )
+        )
+    return out
+
+
+def finalize(
+    study,
+    spec: StudySpec,
+    evaluator: Evaluator,
+    *,
+    top_k: int = 3,
+    limit: int | None = None,
+    select: str = "mean",
+    mode: str = "masked",
+    on_status: Callable[[str], None] | None = None,
+):
+    """Evaluate the candidates, CoreInfer and dense on the held-out documents; return a
+    report.Report with a held-out section and the screen section for comparison."""
+    from autosparse.report import Report, ReportSection, make_row
+
+    say = on_status or (lambda _: None)
+    if top_k < 1:
+        raise ConfigError("--top-k must be at least 1")
+    chosen = candidates(study, spec, top_k=top_k, select=select, mode=mode)
+    attrs = study.user_attrs
+    ids = held_out_ids(
+        evaluator.document_ids(),
+        calibration=attrs.get("calibration_ids", ()),
+        screen=attrs.get("screen_ids", ()),
+        limit=limit,
+        seed=spec.seed,
+    )
+    if not ids:
+        raise ConfigError("no held-out documents left to evaluate")
+    core_method = Method.coreinfer(
+        spec.baseline_keep, spec.token_ratio, layers=spec.layers, mode=mode
+    )
+    say(f"CoreInfer (keep {spec.baseline_keep:g}) on {len(ids)} documents")
+    core = evaluator.run(core_method, ids)
+    say(f"dense on {len(ids)} documents")
+    dense = evaluator.run(Method.dense(), ids)
+    rows = [
+        make_row(
+            f"CoreInfer keep={spec.baseline_keep:g}",
+            core,
+            coreinfer=core,
+            dense=dense,
+            seed=spec.seed,
+        ),
+        make_row("dense", dense, coreinfer=core, dense=dense, seed=spec.seed),
+    ]
+    for c in chosen:
+        say(f"{c.label} on {len(ids)} documents")
+        result = evaluator.run(c.method, ids)
+        rows.append(
+            make_row(c.label, result, coreinfer=core, dense=dense, params=c.params, seed=spec.seed)
+        )
+
+    scope = "full dataset" if limit is None else f"held-out sample of {len(ids)}"
+    sections = [ReportSection(f"{scope.capitalize()} ({len(ids)} documents)", rows)]
+    screen = _screen_section(study, spec, chosen)
+    if screen is not None:
+        sections.append(screen)
+    goal = attrs.get("goal")
+    return Report(
+        title=f"{study.study_name}: tuned levels vs CoreInfer",
+        model=spec.model_id,
+        task=spec.task,
+        metric=evaluator.metric,
+        sections=sections,
+        meta={
+            "study": study.study_name,
+            "goal (mean keep)": goal,
+            "baseline": f"CoreInfer keep {spec.baseline_keep:g}, token ratio {spec.token_ratio:g}",
+            "selection": "raw screen mean"
+            if select == "mean"
+            else "lower confidence bound vs CoreInfer",
+            "evaluated": scope,
+            "calibration documents excluded": len(attrs.get("calibration_ids", ())),
+            "seed": spec.seed,
+            "layers": spec.layers or "default",
+        },
+        notes=[
+            "Candidates were picked on the screen; the held-out table is the honest comparison "
+            "(the screen values of the same settings are shown below it)."
+        ],
+    )
+
+
+def _screen_section(study, spec: StudySpec, chosen: Sequence[Candidate]):
+    """The screen's numbers for the same candidates, from what the study stored."""
+    from autosparse.report import ReportSection, make_row
+    from autosparse.results import EvalResult
+
+    attrs = study.user_attrs
+    if "baseline:coreinfer" not in attrs or "baseline:dense" not in attrs:
+        return None
+
+    def as_result(d) -> EvalResult:
+        return EvalResult(
+            model=spec.model_id,
+            task=spec.task,
+            method=d["method"],
+            metric="",
+            score=d["score"],
+            sample_ids=d["sample_ids"],
+            sample_scores=d["sample_scores"],
+            density=d["density"],
+        )
+
+    core, dense = as_result(attrs["baseline:coreinfer"]), as_result(attrs["baseline:dense"])
+    rows = [
+        make_row(
+            f"CoreInfer keep={spec.baseline_keep:g}",
+            core,
+            coreinfer=core,
+            dense=dense,
+            seed=spec.seed,
+        ),
+        make_row("dense", dense, coreinfer=core, dense=dense, seed=spec.seed),
+    ]
+    by_number = {f"trial #{t.number}": t for t in study.get_trials(deepcopy=False)}
+    for c in chosen:
+        t = by_number.get(c.label)
+        if t is None:
+            continue
+        result = EvalResult(
+            model=spec.model_id,
+            task=spec.task,
+            method=c.method.to_dict(),
+            metric="",
+            score=t.value,
+            sample_ids=t.user_attrs["sample_ids"],
+            sample_scores=t.user_attrs["sample_scores"],
+            density=t.user_attrs.get("density"),
+        )
+        rows.append(
+            make_row(c.label, result, coreinfer=core, dense=dense, params=c.params, seed=spec.seed)
+        )
+    return ReportSection(
+        f"Screen ({len(attrs.get('screen_ids', []))} documents, per-sample means)", rows
+    )
