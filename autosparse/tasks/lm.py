@@ -1,0 +1,222 @@
+"""``SparseLM``: lm-eval's HFLM running a model under a sparsity Method.
+
+Generation: lm-eval's batched ``generate`` (left-padded); the engine selects each row's
+core neurons at the prefill and every generated token runs sparse.
+
+Log-likelihood: lm-eval scores an answer in one forward pass over prompt + answer
+(right-padded). ``_loglikelihood_tokens`` is reimplemented here so that each row's
+prompt length reaches ``engine.scoring``: the row ``(context + continuation)[:-1]``
+has ``len(row) - len(continuation) + 1`` prompt positions (the last context token
+predicts the first answer token and belongs to the prompt, like the last prefill token
+in generation); those run dense and select; the remaining answer positions run sparse.
+A one-token answer is therefore scored entirely by the prompt and does not change
+with sparsity (exactly as the first generated token does not).
+
+Realized density is recorded per forward row and keyed by the request's context
+string, so callers can attribute it to documents (``density_of``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lm_eval.models.huggingface import HFLM
+from lm_eval.models.utils import Collator
+
+from autosparse.errors import ConfigError
+from autosparse.methods import Method
+
+#: progress(kind, advance=None, total=None): kind is "loglikelihood" or "generate_until"
+Progress = Callable[..., None]
+
+
+class SparseLM(HFLM):
+    """An HFLM over a loaded model. ``with lm.sparse(method):`` patches the model for the
+    duration; outside it the model runs dense. Only causal LMs and integer batch sizes."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        batch_size: int = 1,
+        max_length: int | None = None,
+        progress: Progress | None = None,
+        **kwargs: Any,
+    ):
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"batch size must be a positive integer, not {batch_size!r}")
+        super().__init__(
+            pretrained=model,
+            tokenizer=tokenizer,
+            batch_size=batch_size,
+            max_length=max_length,
+            backend="causal",
+            **kwargs,
+        )
+        self.engine = None
+        self.method: Method | None = None
+        self.progress = progress
+        #: context string -> realized densities of the rows run with that context
+        self.context_density: dict[str, list[float]] = {}
+        #: (rows, sparse layers) kept counts of every row run
+        self._kept: list[torch.Tensor] = []
+        self._pending_contexts: list[str] | None = None
+        self._last_neurons = 1
+
+    # -- the method -----------------------------------------------------------------
+    @contextlib.contextmanager
+    def sparse(self, method: Method) -> Iterator[SparseLM]:
+        """Run every request inside the block under ``method`` (dense: no patch)."""
+        with method.apply(self.model) as engine:
+            self.engine, self.method = engine, method
+            self.context_density, self._kept = {}, []
+            try:
+                yield self
+            finally:
+                self.engine = None
+
+    def realized_density(self) -> float | None:
+        """Mean realized density over every row run (None for dense)."""
+        counts = self._kept_counts()
+        if counts is None or not counts.shape[0]:
+            return None
+        return float(counts.sum(1).mean() / (counts.shape[1] * self._neurons()))
+
+    def layer_density(self) -> list[float] | None:
+        counts = self._kept_counts()
+        if counts is None or not counts.shape[0]:
+            return None
+        return (counts.mean(0) / self._neurons()).tolist()
+
+    def density_of(self, contexts: Sequence[str]) -> float | None:
+        """Mean realized density of the rows run with these context strings."""
+        values = [d for c in contexts for d in self.context_density.get(c, [])]
+        return sum(values) / len(values) if values else None
+
+    def _kept_counts(self) -> torch.Tensor | None:
+        return torch.cat(self._kept).double() if self._kept else None
+
+    def _neurons(self) -> int:
+        return self.engine.num_neurons if self.engine is not None else self._last_neurons
+
+    def _record(self, contexts: Sequence[str | None]) -> None:
+        """File the kept counts of the prefill just run under the rows' contexts."""
+        engine = self.engine
+        if engine is None:
+            return
+        counts = engine.kept_counts()  # (rows, sparse layers)
+        if counts.shape[0] != len(contexts):
+            raise RuntimeError(
+                f"the engine recorded {counts.shape[0]} sequences for a batch of {len(contexts)}"
+            )
+        self._last_neurons = engine.num_neurons
+        self._kept.append(counts)
+        for context, density in zip(contexts, engine.sequence_density().tolist(), strict=True):
+            if context is not None:
+                self.context_density.setdefault(context, []).append(density)
+        engine.reset_records()
+
+    def _tick(self, kind: str, advance: int = 0, total: int | None = None) -> None:
+        if self.progress is not None:
+            self.progress(kind, advance=advance, total=total)
+
+    # -- generation -------------------------------------------------------------------
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        self._tick("generate_until", total=len(requests))
+        return super().generate_until(
+            requests, disable_tqdm=disable_tqdm or self.progress is not None
+        )
+
+    def tok_batch_encode(self, strings: list[str], *args: Any, **kwargs: Any):
+        # generate_until encodes each batch right before generating it: remember the
+        # strings so the prefill's densities can be filed under them
+        self._pending_contexts = list(strings)
+        return super().tok_batch_encode(strings, *args, **kwargs)
+
+    def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs):
+        contexts = self._pending_contexts
+        self._pending_contexts = None
+        if contexts is None or len(contexts) != context.shape[0]:
+            contexts = [None] * context.shape[0]
+        if self.engine is not None:
+            self.engine.reset_records()
+        out = super()._model_generate(context, max_length, stop, **generation_kwargs)
+        self._record(contexts)
+        self._tick("generate_until", advance=context.shape[0])
+        return out
+
+    # -- log-likelihood ---------------------------------------------------------------
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        self._tick("loglikelihood", total=len(requests))
+        return super().loglikelihood(
+            requests, disable_tqdm=disable_tqdm or self.progress is not None
+        )
+
+    def _scoring(self, prompt_lengths: list[int]):
+        if self.engine is None:
+            return contextlib.nullcontext()
+        self.engine.reset_records()
+        return self.engine.scoring(prompt_lengths)
+
+    def _loglikelihood_tokens(
+        self,
+        requests: list[tuple[tuple[str, str] | None, list[int], list[int]]],
+        disable_tqdm: bool = False,
+        override_bs: int | None = None,
+    ) -> list[tuple[float, bool]]:
+        """(log P(continuation | context), continuation is the greedy output) per request,
+        computed as lm-eval does, with each row's prompt length handed to the engine."""
+        if self.backend != "causal":
+            raise ConfigError("sparse log-likelihood scoring supports causal LMs only")
+        # Longest first, as lm-eval does; requests whose context + continuation[:-1]
+        # agree (one-token answers to one prompt) share one forward row.
+        collator = Collator(
+            requests,
+            sort_fn=lambda r: (-len(r[1] + r[2]), tuple(r[1] + r[2])),
+            group_by="contexts" if self.logits_cache else None,
+            group_fn=lambda r: r[-2] + r[-1][:-1],
+        )
+        size = override_bs or (self.batch_size if isinstance(self.batch_size, int) else 1)
+        results: list[tuple[float, bool]] = []
+        for chunk in collator.get_batched(n=size):
+            rows, prompt_lengths = [], []
+            for _, context, continuation in chunk:
+                if not context or not continuation:
+                    raise ConfigError("a log-likelihood request has an empty context or answer")
+                window = (context + continuation)[-(self.max_length + 1) :][:-1]
+                rows.append(torch.tensor(window, dtype=torch.long, device=self.device))
+                prompt_lengths.append(len(window) - len(continuation) + 1)
+            width = max(len(r) for r in rows)
+            # right-padded with token 0 like lm-eval; padding only follows a row's own
+            # tokens, so under a causal mask it changes none of the scored positions
+            batch = torch.zeros(len(rows), width, dtype=torch.long, device=self.device)
+            for b, row in enumerate(rows):
+                batch[b, : len(row)] = row
+            with self._scoring(prompt_lengths):
+                logits = self._model_call(batch)  # (B, width, vocab)
+            self._record([None if req is None else req[0] for req, _, _ in chunk])
+            logprobs = F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)
+
+            for (request, context, _), row_logprobs, row, row_cont in zip(
+                chunk, logprobs, rows, (c for _, _, c in chunk), strict=True
+            ):
+                n_cont = len(row_cont)
+                scored = row_logprobs[len(row) - n_cont : len(row)].unsqueeze(0)  # (1, C, V)
+                greedy = scored.argmax(dim=-1)  # (1, C)
+                for req, cont, lp in collator.get_cache(
+                    req_str=request, cxt_toks=context, cont_toks=row_cont, logits=scored
+                ):
+                    target = torch.tensor(cont, dtype=torch.long, device=self.device).unsqueeze(0)
+                    is_greedy = bool((greedy[:, -target.shape[1] :] == target).all())
+                    logp = torch.gather(lp[:, -target.shape[1] :], 2, target.unsqueeze(-1))
+                    answer = (float(logp.sum()), is_greedy)
+                    results.append(answer)
+                    if req is not None:
+                        self.cache_hook.add_partial("loglikelihood", req, answer)
+                    self._tick("loglikelihood", advance=1)
+        return collator.get_original(results)
