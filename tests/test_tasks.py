@@ -1,0 +1,256 @@
+"""Task evaluation end to end through lm-eval on tiny models and hand-written fixtures.
+
+The fixture tasks ``include:`` lm-eval's own configs of the reference tasks (triviaqa,
+wmt16-de-en, commonsense_qa) and the local SQuAD v2 task, with ``data_files`` pointing
+at tests/fixtures/tasks: lm-eval's prompts and metrics, offline data.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+from conftest import tiny_llama, tiny_tokenizer
+
+from autosparse.methods import Method
+
+FIXTURES = Path(__file__).parent / "fixtures" / "tasks"
+MAX_LEN = 1024  # the tiny tokenizer spends one token per character
+GEN = {"max_gen_toks": 6}
+
+
+def _task_yaml(name: str, body: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump({"task": name, **body}, sort_keys=False)
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory) -> Path:
+    import lm_eval.tasks
+
+    builtin = Path(lm_eval.tasks.__file__).parent
+    out = tmp_path_factory.mktemp("tasks")
+
+    def files(path: str, *splits: str) -> dict:
+        return {"data_files": {s: str(FIXTURES / path) for s in splits}}
+
+    specs = {
+        "fx-triviaqa": {
+            "include": str(builtin / "triviaqa" / "default.yaml"),
+            "dataset_path": "json",
+            "dataset_name": None,
+            "dataset_kwargs": files("triviaqa.jsonl", "train", "validation"),
+            "generation_kwargs": {
+                "until": ["\n", ".", ","],
+                "do_sample": False,
+                "temperature": 0.0,
+                **GEN,
+            },
+        },
+        "fx-wmt16": {
+            "include": str(builtin / "translation" / "wmt16_de-en.yaml"),
+            "dataset_path": "json",
+            "dataset_name": None,
+            "dataset_kwargs": files("wmt16.jsonl", "train", "validation", "test"),
+            "generation_kwargs": {"until": ["\n"], "do_sample": False, "temperature": 0.0, **GEN},
+        },
+        "fx-csqa": {
+            "include": str(builtin / "commonsense_qa" / "default.yaml"),
+            "dataset_path": "json",
+            "dataset_name": None,
+            "dataset_kwargs": files("commonsense_qa.jsonl", "train", "validation"),
+        },
+    }
+    for name, body in specs.items():
+        (out / f"{name}.yaml").write_text(_task_yaml(name, body))
+    squad = _task_yaml(
+        "fx-squadv2",
+        {
+            "dataset_path": "json",
+            "dataset_kwargs": files("squad_v2.jsonl", "train", "validation"),
+            "generation_kwargs": GEN,
+        },
+    )
+    (out / "fx-squadv2.yaml").write_text(
+        squad + "class: !function autosparse.tasks.squad.LocalSQuAD2\n"
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def llama_pair():
+    return tiny_llama(), tiny_tokenizer()
+
+
+def run(pair, task, method, task_dir, **kw):
+    from autosparse.tasks import run_task
+
+    kw.setdefault("num_fewshot", 1)
+    kw.setdefault("progress", False)
+    return run_task(pair, task, method, include_path=task_dir, max_length=MAX_LEN, **kw)
+
+
+CORE = Method.coreinfer(0.3)
+
+
+# -- samples ------------------------------------------------------------------------
+
+
+def test_sample_is_seeded_random_and_stable():
+    from autosparse.tasks import draw_sample
+
+    a = draw_sample(1000, 50, 42)
+    assert a == draw_sample(1000, 50, 42)
+    assert a == sorted(set(a)) and len(a) == 50
+    assert a != list(range(50))
+    assert draw_sample(1000, 50, 43) != a
+    assert draw_sample(10, 50, 42) == list(range(10))
+    assert draw_sample(10, None, 42) == list(range(10))
+
+
+def test_sample_ids_of_a_real_task():
+    from autosparse.tasks import sample_ids
+
+    ids = sample_ids("csqa-local", 20, 42)
+    assert ids == sample_ids("csqa-local", 20, 42)
+    assert ids != list(range(20)) and max(ids) < 1221
+
+
+# -- every task type end to end ------------------------------------------------------
+
+
+def test_generation_exact_match(llama_pair, task_dir):
+    dense = run(llama_pair, "fx-triviaqa", Method.dense(), task_dir, limit=3)
+    r = dense.result
+    assert r.task == "fx-triviaqa" and r.metric == "exact_match"
+    assert len(r.sample_ids) == 3 and r.sample_ids != [0, 1, 2]
+    assert all(s in (0.0, 1.0) for s in r.sample_scores)
+    assert r.score == pytest.approx(sum(r.sample_scores) / 3)
+    assert r.density is None and dense.sample_density == [None] * 3
+    assert set(r.versions) >= {"torch", "transformers", "lm_eval"}
+    assert r.settings["seed"] == 42 and r.settings["limit"] == 3
+
+    sparse = run(llama_pair, "fx-triviaqa", CORE, task_dir, limit=3)
+    assert sparse.result.sample_ids == r.sample_ids  # paired
+    assert 0 < sparse.result.density <= 0.3
+    assert all(0 < d <= 0.3 for d in sparse.sample_density)
+    assert len(sparse.result.layer_density) == 2  # tiny llama: layers 1..2 sparse
+
+
+def test_generation_bleu(llama_pair, task_dir):
+    r = run(llama_pair, "fx-wmt16", CORE, task_dir, limit=4).result
+    assert r.metric == "bleu" and math.isfinite(r.score)
+    assert {"bleu", "chrf", "ter"} <= set(r.metrics)
+    assert len(r.sample_scores) == 4 and all(math.isfinite(s) for s in r.sample_scores)
+
+
+def test_multiple_choice(llama_pair, task_dir):
+    run_ = run(llama_pair, "fx-csqa", CORE, task_dir)
+    r = run_.result
+    assert r.metric == "acc" and len(r.sample_ids) == 6  # no limit: every document
+    assert r.score == pytest.approx(sum(r.sample_scores) / 6)
+    assert all(d is not None and 0 < d <= 0.3 for d in run_.sample_density)
+
+
+def test_squadv2_with_unanswerable_questions_scores_locally(llama_pair, task_dir, monkeypatch):
+    import evaluate as hf_evaluate
+
+    def offline(*a, **k):
+        raise AssertionError("evaluate.load must not be called")
+
+    monkeypatch.setattr(hf_evaluate, "load", offline)
+    run_ = run(llama_pair, "fx-squadv2", CORE, task_dir, num_fewshot=0, metric="exact")
+    r = run_.result
+    assert r.metric == "exact" and 0.0 <= r.score <= 100.0
+    assert {"f1", "HasAns_exact", "NoAns_exact", "best_exact"} <= set(r.metrics)
+    assert r.score == pytest.approx(sum(r.sample_scores) / len(r.sample_scores))
+
+
+def test_unknown_task_and_metric_are_task_errors(llama_pair, task_dir):
+    from autosparse.errors import TaskError
+
+    with pytest.raises(TaskError, match="no metric"):
+        run(llama_pair, "fx-csqa", Method.dense(), task_dir, limit=2, metric="bleu")
+
+
+# -- sparsity where lm-eval scores ---------------------------------------------------
+
+
+def _loglikelihoods(pair, method, requests, batch_size=1):
+    from autosparse.tasks.lm import SparseLM
+
+    model, tok = pair
+    lm = SparseLM(model, tok, batch_size=batch_size, max_length=MAX_LEN)
+    with lm.sparse(method):
+        out = lm._loglikelihood_tokens(requests)
+        return [ll for ll, _ in out], lm.realized_density()
+
+
+def _requests(tok, pairs):
+    return [((c, a), tok.encode(c), tok.encode(a)) for c, a in pairs]
+
+
+PAIRS = [
+    ("Question: where do fish live?\nAnswer:", " in the water"),
+    ("Question: where do fish live?\nAnswer:", " in a desert"),
+    ("The capital of France is", " Paris, of course"),
+    ("Two plus two makes", " four"),
+]
+
+
+def test_loglikelihoods_change_with_sparsity_and_keep_one_is_dense(llama_pair):
+    reqs = _requests(llama_pair[1], PAIRS)
+    dense, d_density = _loglikelihoods(llama_pair, Method.dense(), reqs)
+    full, f_density = _loglikelihoods(llama_pair, Method.coreinfer(1.0), reqs)
+    sparse, s_density = _loglikelihoods(llama_pair, Method.coreinfer(0.3), reqs)
+    assert full == dense  # exactly
+    assert d_density is None and f_density == 1.0 and 0 < s_density <= 0.3
+    assert all(abs(a - b) > 1e-6 for a, b in zip(dense, sparse, strict=True))
+
+
+def test_one_token_answer_is_scored_by_the_dense_prompt(llama_pair):
+    reqs = _requests(llama_pair[1], [("Two plus two makes", " ")])
+    dense, _ = _loglikelihoods(llama_pair, Method.dense(), reqs)
+    sparse, _ = _loglikelihoods(llama_pair, Method.coreinfer(0.3), reqs)
+    assert dense == pytest.approx(sparse, abs=1e-6)
+
+
+def test_scoring_equals_prefill_then_sparse_decode(llama_pair):
+    """Independent of engine.scoring: prefill the context, then feed the answer one token
+    at a time through the KV cache (decode runs sparse), summing log P of each token."""
+    import torch
+
+    from autosparse.engine import SparseEngine
+
+    model, tok = llama_pair
+    reqs = _requests(tok, PAIRS)
+    scored, _ = _loglikelihoods(llama_pair, CORE, reqs, batch_size=3)
+    for (_, ctx, cont), want in zip(reqs, scored, strict=True):
+        with SparseEngine(model, 0.3) as _engine, torch.no_grad():
+            out = model(torch.tensor([ctx]), use_cache=True)
+            cache, logits, total = out.past_key_values, out.logits[0, -1], 0.0
+            for token in cont:
+                total += float(torch.log_softmax(logits.double(), -1)[token])
+                out = model(torch.tensor([[token]]), past_key_values=cache, use_cache=True)
+                cache, logits = out.past_key_values, out.logits[0, -1]
+        assert total == pytest.approx(want, abs=1e-4)
+
+
+def test_batched_equals_unbatched(llama_pair, task_dir):
+    reqs = _requests(llama_pair[1], PAIRS)
+    one, d1 = _loglikelihoods(llama_pair, CORE, reqs, batch_size=1)
+    many, d4 = _loglikelihoods(llama_pair, CORE, reqs, batch_size=4)
+    assert many == pytest.approx(one, abs=1e-4) and d4 == pytest.approx(d1)
+
+    a = run(llama_pair, "fx-csqa", CORE, task_dir, limit=4, batch_size=1)
+    b = run(llama_pair, "fx-csqa", CORE, task_dir, limit=4, batch_size=3)
+    assert a.result.sample_scores == b.result.sample_scores
+    assert a.sample_density == pytest.approx(b.sample_density)
+
+    g1 = run(llama_pair, "fx-triviaqa", CORE, task_dir, limit=4, batch_size=1)
+    g4 = run(llama_pair, "fx-triviaqa", CORE, task_dir, limit=4, batch_size=4)
+    resps = [s["resps"] for s in g1.raw["samples"]["fx-triviaqa"]]
+    assert [s["resps"] for s in g4.raw["samples"]["fx-triviaqa"]] == resps
+    assert g1.sample_density == pytest.approx(g4.sample_density)

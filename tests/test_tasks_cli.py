@@ -1,0 +1,123 @@
+"""``autosparse eval`` in-process with click's CliRunner: a tiny model saved to a folder,
+a fixture task from --include-path, a temporary result store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from conftest import tiny_llama, tiny_tokenizer
+from test_tasks import FIXTURES, _task_yaml
+
+from autosparse.cli import main
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    import lm_eval.tasks
+
+    root = tmp_path_factory.mktemp("cli")
+    model_dir = root / "tiny-llama"
+    tiny_llama().save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    tasks = root / "tasks"
+    tasks.mkdir()
+    builtin = Path(lm_eval.tasks.__file__).parent
+    (tasks / "fx-csqa.yaml").write_text(
+        _task_yaml(
+            "fx-csqa",
+            {
+                "include": str(builtin / "commonsense_qa" / "default.yaml"),
+                "dataset_path": "json",
+                "dataset_name": None,
+                "dataset_kwargs": {
+                    "data_files": {
+                        s: str(FIXTURES / "commonsense_qa.jsonl") for s in ("train", "validation")
+                    }
+                },
+            },
+        )
+    )
+    return model_dir, tasks, f"sqlite:///{root / 'results.db'}"
+
+
+def invoke(setup, *extra):
+    model_dir, tasks, url = setup
+    args = [
+        "eval",
+        "--model",
+        str(model_dir),
+        "--device",
+        "cpu",
+        "--task",
+        "fx-csqa",
+        "--include-path",
+        str(tasks),
+        "--num-fewshot",
+        "0",
+        "--limit",
+        "3",
+        "--storage",
+        url,
+        *extra,
+    ]
+    return CliRunner().invoke(main, args, catch_exceptions=False)
+
+
+def test_eval_help():
+    result = CliRunner().invoke(main, ["eval", "--help"])
+    assert result.exit_code == 0
+    assert "--task" in result.output and "--limit" in result.output
+
+
+def test_eval_json_is_stored_and_reused(setup):
+    first = invoke(setup, "--method", "coreinfer", "--keep", "0.3", "--json")
+    assert first.exit_code == 0, first.output
+    data = json.loads(first.stdout)
+    assert data["cached"] is False and data["task"] == "fx-csqa" and data["metric"] == "acc"
+    assert len(data["sample_ids"]) == 3 and 0 < data["density"] <= 0.3
+
+    again = json.loads(invoke(setup, "--method", "coreinfer", "--keep", "0.3", "--json").stdout)
+    assert again["cached"] is True and again["sample_scores"] == data["sample_scores"]
+
+    forced = json.loads(
+        invoke(setup, "--method", "coreinfer", "--keep", "0.3", "--json", "--force").stdout
+    )
+    assert forced["cached"] is False and forced["sample_scores"] == data["sample_scores"]
+
+
+def test_eval_table(setup):
+    result = invoke(setup, "--method", "dense")
+    assert result.exit_code == 0, result.output
+    assert "acc" in result.output and "realized density" in result.output
+
+
+def test_bad_metric_is_a_one_line_error(setup):
+    result = CliRunner().invoke(
+        main,
+        [
+            "eval",
+            "--model",
+            str(setup[0]),
+            "--device",
+            "cpu",
+            "--task",
+            "fx-csqa",
+            "--include-path",
+            str(setup[1]),
+            "--num-fewshot",
+            "0",
+            "--limit",
+            "2",
+            "--storage",
+            setup[2],
+            "--method",
+            "dense",
+            "--metric",
+            "bleu",
+        ],
+    )
+    assert result.exit_code == 1
+    assert "Error: the task has no metric 'bleu'" in result.output
