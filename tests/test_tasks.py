@@ -254,3 +254,15 @@ def test_batched_equals_unbatched(llama_pair, task_dir):
     resps = [s["resps"] for s in g1.raw["samples"]["fx-triviaqa"]]
     assert [s["resps"] for s in g4.raw["samples"]["fx-triviaqa"]] == resps
     assert g1.sample_density == pytest.approx(g4.sample_density)
+
+
+def test_levels_method_scores_with_per_layer_keep(llama_pair):
+    from autosparse.tasks.lm import SparseLM
+
+    model, tok = llama_pair
+    lm = SparseLM(model, tok, max_length=MAX_LEN)
+    with lm.sparse(Method.levels([0.2, 0.5])):
+        lm._loglikelihood_tokens(_requests(tok, PAIRS))
+    low, high = lm.layer_density()
+    assert 0 < low <= 0.2 < high <= 0.5
+    assert lm.realized_density() == pytest.approx((low + high) / 2)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -122,23 +121,16 @@ def _rich_progress(enabled: bool) -> Iterator[Any]:
 
 
 @contextlib.contextmanager
-def _quiet_lm_eval(progress: bool) -> Iterator[None]:
+def _quiet_lm_eval() -> Iterator[None]:
     """lm-eval logs a warning per task for routine things (custom datasets, few-shot
-    overrides): keep errors only. With our own progress bar, hide lm-eval's tqdm bars."""
+    overrides): keep errors only, for the duration."""
     logger = logging.getLogger("lm_eval")
-    level, tqdm_env = logger.level, os.environ.get("TQDM_DISABLE")
+    level = logger.level
     logger.setLevel(logging.ERROR)
-    if progress:
-        os.environ["TQDM_DISABLE"] = "1"
     try:
         yield
     finally:
         logger.setLevel(level)
-        if progress:
-            if tqdm_env is None:
-                os.environ.pop("TQDM_DISABLE", None)
-            else:
-                os.environ["TQDM_DISABLE"] = tqdm_env
 
 
 def _pick_metric(task_results: dict[str, Any], metric: str | None) -> tuple[str, str]:
@@ -271,7 +263,7 @@ def run_task(
     metric = requested = primary_metric(name, metric)
     shots = DEFAULT_FEWSHOT if num_fewshot is None else num_fewshot
     started = time.perf_counter()
-    with _quiet_lm_eval(progress):
+    with _quiet_lm_eval():
         task_name, task_obj = load_task(name, include_path)
         n_docs = len(task_obj.eval_docs)
         if n_docs == 0:
