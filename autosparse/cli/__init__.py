@@ -18,6 +18,11 @@ from autosparse.cli.base import AutosparseGroup
 def main() -> None:
     """Find per-layer keep ratios for activation-sparse LLM inference and test them
     against CoreInfer on real tasks."""
+    import os
+
+    # autosparse draws its own rich progress bars; lm-eval's and transformers' tqdm bars
+    # would interleave with them. tqdm reads this when it is first imported.
+    os.environ.setdefault("TQDM_DISABLE", "1")
 
 
 def _register() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -124,13 +124,34 @@ def _rich_progress(enabled: bool) -> Iterator[Any]:
 def _quiet_lm_eval() -> Iterator[None]:
     """lm-eval logs a warning per task for routine things (custom datasets, few-shot
     overrides): keep errors only, for the duration."""
+    import lm_eval.evaluator as lm_evaluator
+
     logger = logging.getLogger("lm_eval")
     level = logger.level
     logger.setLevel(logging.ERROR)
+    # lm-eval asks git for a commit hash (printing "fatal: not a git repository" outside
+    # one) and collects torch's environment report (~0.3 s) on every call; autosparse
+    # records its own versions, so skip both.
+    saved = lm_evaluator.get_git_commit_hash, lm_evaluator.add_env_info
+    lm_evaluator.get_git_commit_hash = lambda: None
+    lm_evaluator.add_env_info = lambda storage: None
     try:
         yield
     finally:
         logger.setLevel(level)
+        lm_evaluator.get_git_commit_hash, lm_evaluator.add_env_info = saved
+
+
+def _check_metric(task_name: str, task_obj: Any, metric: str | None) -> None:
+    """Fail before running when the task cannot report ``metric``."""
+    try:
+        names = set(task_obj.aggregation() or {})
+    except Exception:  # a task class without static aggregations: check after the run
+        return
+    if metric is not None and names and metric not in names:
+        raise TaskError(
+            f"the task has no metric {metric!r}; {task_name} reports {', '.join(sorted(names))}"
+        )
 
 
 def _pick_metric(task_results: dict[str, Any], metric: str | None) -> tuple[str, str]:
@@ -237,6 +258,7 @@ def run_task(
     progress: bool = True,
     max_length: int | None = None,
     max_gen_toks: int | None = None,
+    ids: Sequence[int] | None = None,
 ) -> TaskRun:
     """Evaluate a model under a sparsity method on one task through lm-eval.
 
@@ -249,7 +271,8 @@ def run_task(
     whose config fixes 0 shots keep 0. metric: the primary metric (default: the task's
     known primary metric, else its first). Per-document scores of the primary metric
     are kept in ``sample_scores`` (for corpus metrics such as bleu, sentence-level
-    scores; the task's own aggregate is ``score``).
+    scores; the task's own aggregate is ``score``). ids: score exactly these documents
+    (overrides ``limit``).
     """
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -268,7 +291,13 @@ def run_task(
         n_docs = len(task_obj.eval_docs)
         if n_docs == 0:
             raise TaskError(f"task {task_name!r} has no documents")
-        ids = draw_sample(n_docs, limit, seed)
+        _check_metric(task_name, task_obj, metric)
+        if ids is None:
+            ids = draw_sample(n_docs, limit, seed)
+        else:
+            ids = sorted({int(i) for i in ids})
+            if not ids or ids[0] < 0 or ids[-1] >= n_docs:
+                raise TaskError(f"document ids must be in 0..{n_docs - 1} for {task_name!r}")
         if max_gen_toks is not None:
             gen = dict(task_obj.config.generation_kwargs or {})
             task_obj.config.generation_kwargs = {**gen, "max_gen_toks": int(max_gen_toks)}

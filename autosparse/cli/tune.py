@@ -1,0 +1,303 @@
+"""``autosparse tune``, ``finalize``, ``studies`` and ``show``: the tuning workflow."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from autosparse.cli.base import layers_option, model_options
+
+DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_TASK = "csqa-local"
+
+
+def study_options(f):
+    f = click.option(
+        "--storage",
+        default=None,
+        help="SQLAlchemy URL of the study database (default: sqlite:///studies/NAME.db). "
+        "Use a PostgreSQL URL to share a study between machines.",
+    )(f)
+    f = click.option(
+        "--study", "study_name", default=None, help="Study name (default: MODEL-TASK-gGOAL)."
+    )(f)
+    return f
+
+
+@click.command("tune")
+@model_options
+@click.option(
+    "--task",
+    default=DEFAULT_TASK,
+    show_default=True,
+    help="Task name or alias (see docs/tasks.md).",
+)
+@click.option(
+    "--goal",
+    type=float,
+    default=None,
+    help="Goal mean keep ratio over the sparse layers (CoreInfer's 'sparsity').",
+)
+@click.option(
+    "--goal-from-baseline",
+    type=float,
+    default=None,
+    help="Goal = this factor x CoreInfer's realized density on the screen (the seed's "
+    "'10%% fewer neurons' round is 0.9).",
+)
+@click.option(
+    "--trials",
+    type=click.IntRange(1),
+    default=20,
+    show_default=True,
+    help="Finished trials the study should hold; a rerun resumes up to this.",
+)
+@click.option(
+    "--timeout", type=float, default=None, help="Stop starting trials after this many seconds."
+)
+@click.option(
+    "--screen",
+    type=click.IntRange(1),
+    default=100,
+    show_default=True,
+    help="Screening samples (a seeded random sample).",
+)
+@click.option("--seed", type=int, default=42, show_default=True)
+@study_options
+@click.option(
+    "--baseline-keep",
+    type=float,
+    default=0.4,
+    show_default=True,
+    help="CoreInfer's keep ratio for the baseline.",
+)
+@click.option(
+    "--token-ratio",
+    type=float,
+    default=0.2,
+    show_default=True,
+    help="CoreInfer token ratio (also used by the levels).",
+)
+@layers_option
+@click.option(
+    "--strategy",
+    type=click.Choice(["solve", "constrained"]),
+    default="solve",
+    show_default=True,
+    help="solve: the threshold is solved for the goal; constrained: sampled, with |mean - goal| <= tolerance as a constraint.",
+)
+@click.option(
+    "--tolerance",
+    type=float,
+    default=0.01,
+    show_default=True,
+    help="Goal tolerance of the constrained strategy.",
+)
+@click.option(
+    "--top-k-choices", default="25,50,100,200,400", show_default=True, help="Values top_k may take."
+)
+@click.option(
+    "--calibration",
+    type=click.IntRange(1),
+    default=100,
+    show_default=True,
+    help="Calibration prompts for the levels statistics.",
+)
+@click.option(
+    "--reference-calibration",
+    is_flag=True,
+    help="Calibrate like the reference: the first N documents with their gold answers (overlaps evaluation).",
+)
+@click.option(
+    "--enqueue-reference", is_flag=True, help="Run the reference grid's hits as the first trials."
+)
+@click.option(
+    "--num-fewshot",
+    type=int,
+    default=None,
+    help="Few-shot examples (default: the task's; reference tasks 6).",
+)
+@click.option(
+    "--metric", default=None, help="Objective metric (default: the task's primary metric)."
+)
+@click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True)
+@click.option(
+    "--max-gen-toks",
+    type=click.IntRange(1),
+    default=None,
+    help="Cap generated tokens per sample (generation tasks).",
+)
+@click.option("--no-prune", is_flag=True, help="Evaluate every trial on the whole screen.")
+@click.option(
+    "--mode", type=click.Choice(["masked", "sliced"]), default="masked", show_default=True
+)
+def tune_command(**opts):
+    """Tune the levels parameters against a goal mean keep ratio.
+
+    Each trial turns (w_sum, top_k[, threshold]) into per-layer levels from cached
+    calibration statistics and runs sparse inference on the screen; CoreInfer and dense
+    are evaluated once on the same screen. Rerunning the command resumes the study.
+    With no options it runs a small real study offline (SmolLM2-135M, CommonsenseQA).
+    """
+    from rich.console import Console
+
+    from autosparse.models import model_identity
+    from autosparse.tuning import StudySpec
+    from autosparse.workflow import run_tune
+
+    o = opts
+    if o["goal"] is None and o["goal_from_baseline"] is None:
+        o["goal"] = 0.4  # the reference's goal for Llama-3.2-3B, and CoreInfer's keep
+    try:
+        top_k_choices = tuple(int(x) for x in o["top_k_choices"].split(","))
+    except ValueError:
+        from autosparse.errors import ConfigError
+
+        raise ConfigError(
+            f"--top-k-choices must be integers separated by commas, not {o['top_k_choices']!r}"
+        ) from None
+    spec = StudySpec(
+        model=o["model"],
+        model_id="",
+        task=o["task"],
+        goal=o["goal"],
+        goal_from_baseline=o["goal_from_baseline"],
+        screen=o["screen"],
+        seed=o["seed"],
+        layers=o["layers"],
+        baseline_keep=o["baseline_keep"],
+        token_ratio=o["token_ratio"],
+        strategy=o["strategy"],
+        tolerance=o["tolerance"],
+        metric=o["metric"],
+        num_fewshot=o["num_fewshot"],
+        calibration=o["calibration"],
+        top_k_choices=top_k_choices,
+        prune=not o["no_prune"],
+    )
+    from dataclasses import replace
+
+    spec = replace(spec, model_id=model_identity(o["model"]))
+    console = Console()
+    outcome = run_tune(
+        spec,
+        study_name=o["study_name"],
+        storage=o["storage"],
+        trials=o["trials"],
+        timeout=o["timeout"],
+        device=o["device"],
+        dtype=o["dtype"],
+        mode=o["mode"],
+        batch_size=o["batch_size"],
+        max_gen_toks=o["max_gen_toks"],
+        reference_calibration=o["reference_calibration"],
+        enqueue_reference=o["enqueue_reference"],
+        console=console,
+    )
+    console.print(outcome.summary)
+
+
+@click.command("finalize")
+@study_options
+@click.option(
+    "--top-k",
+    type=click.IntRange(1),
+    default=3,
+    show_default=True,
+    help="How many of the best trials to evaluate (plus their AVG).",
+)
+@click.option(
+    "--limit",
+    type=click.IntRange(1),
+    default=None,
+    help="Evaluate a seeded held-out sample of this size instead of the full set.",
+)
+@click.option(
+    "--full",
+    is_flag=True,
+    help="Evaluate every document but the calibration ones (the default when --limit is not given).",
+)
+@click.option(
+    "--select",
+    type=click.Choice(["mean", "lcb"]),
+    default="mean",
+    show_default=True,
+    help="Rank trials by screen mean or by the lower confidence bound of their gain over CoreInfer.",
+)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--dtype", default="auto", show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True)
+@click.option(
+    "--mode", type=click.Choice(["masked", "sliced"]), default="masked", show_default=True
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def finalize_command(**opts):
+    """Evaluate a study's best trials and their AVG beside CoreInfer and dense.
+
+    Writes studies/NAME/report.md and report.json. Without --study it finalizes the
+    embedded default study.
+    """
+    from rich.console import Console
+
+    from autosparse.errors import ConfigError
+    from autosparse.report import report_tables, to_json
+    from autosparse.workflow import DEFAULT_STUDY, run_finalize
+
+    o = opts
+    if o["limit"] is not None and o["full"]:
+        raise ConfigError("give --limit N or --full, not both")
+    console = Console(stderr=o["as_json"])
+    report, paths = run_finalize(
+        o["study_name"] or DEFAULT_STUDY,
+        storage=o["storage"],
+        top_k=o["top_k"],
+        limit=o["limit"],
+        select=o["select"],
+        device=o["device"],
+        dtype=o["dtype"],
+        mode=o["mode"],
+        batch_size=o["batch_size"],
+        console=console,
+    )
+    if o["as_json"]:
+        click.echo(json.dumps(to_json(report), indent=2))
+        return
+    for table in report_tables(report):
+        console.print(table)
+    console.print(f"wrote {paths[0]} and {paths[1]}")
+
+
+@click.command("studies")
+@click.option("--storage", default=None, help="A study database URL (default: every studies/*.db).")
+def studies_command(storage):
+    """List studies with their best trial."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from autosparse.workflow import list_studies
+
+    table = Table(title="Studies")
+    for col in ("study", "model", "task", "goal", "trials", "best", "best trial", "storage"):
+        table.add_column(col)
+    for row in list_studies(storage):
+        table.add_row(*[str(x) if x is not None else "-" for x in row])
+    Console().print(table)
+
+
+@click.command("show")
+@click.argument("name")
+@click.option(
+    "--storage", default=None, help="The study's database URL (default: sqlite:///studies/NAME.db)."
+)
+def show_command(name, storage):
+    """Print a study's trials: parameters, achieved mean keep, density, score, gain vs CoreInfer."""
+    from rich.console import Console
+
+    from autosparse.workflow import show
+
+    for renderable in show(name, storage):
+        Console().print(renderable)
+
+
+COMMANDS = [tune_command, finalize_command, studies_command, show_command]
