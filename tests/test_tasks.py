@@ -244,13 +244,13 @@ def test_batched_equals_unbatched(llama_pair, task_dir):
     many, d4 = _loglikelihoods(llama_pair, CORE, reqs, batch_size=4)
     assert many == pytest.approx(one, abs=1e-4) and d4 == pytest.approx(d1)
 
-    a = run(llama_pair, "fx-csqa", CORE, task_dir, limit=4, batch_size=1)
-    b = run(llama_pair, "fx-csqa", CORE, task_dir, limit=4, batch_size=3)
+    a = run(llama_pair, "fx-csqa", CORE, task_dir, limit=3, batch_size=1)
+    b = run(llama_pair, "fx-csqa", CORE, task_dir, limit=3, batch_size=3)
     assert a.result.sample_scores == b.result.sample_scores
     assert a.sample_density == pytest.approx(b.sample_density)
 
-    g1 = run(llama_pair, "fx-triviaqa", CORE, task_dir, limit=4, batch_size=1)
-    g4 = run(llama_pair, "fx-triviaqa", CORE, task_dir, limit=4, batch_size=4)
+    g1 = run(llama_pair, "fx-triviaqa", CORE, task_dir, limit=3, batch_size=1)
+    g4 = run(llama_pair, "fx-triviaqa", CORE, task_dir, limit=3, batch_size=3)
     resps = [s["resps"] for s in g1.raw["samples"]["fx-triviaqa"]]
     assert [s["resps"] for s in g4.raw["samples"]["fx-triviaqa"]] == resps
     assert g1.sample_density == pytest.approx(g4.sample_density)

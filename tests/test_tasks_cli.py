@@ -120,4 +120,4 @@ def test_bad_metric_is_a_one_line_error(setup):
         ],
     )
     assert result.exit_code == 1
-    assert "Error: the task has no metric 'bleu'" in result.output
+    assert "Error: the task has no metric 'bleu'; fx-csqa reports acc" in result.output
