@@ -170,7 +170,13 @@ def load_task(task: str, include_path=None, *, metadata: dict | None = None):
     except TaskError:
         raise
     except Exception as exc:  # dataset download, bad YAML, ... : say which task
-        raise TaskError(f"could not load task {name!r}: {type(exc).__name__}: {exc}") from exc
+        hint = ""
+        if "Hub" in str(exc) or isinstance(exc, (ConnectionError, OSError)):
+            hint = (
+                " (its data comes from the Hugging Face hub; offline, use a local task: "
+                "truthfulqa-local, csqa-local, nq-local)"
+            )
+        raise TaskError(f"could not load task {name!r}: {type(exc).__name__}: {exc}{hint}") from exc
     tasks = loaded["tasks"]
     if len(tasks) != 1:
         raise TaskError(
