@@ -177,14 +177,18 @@ class LevelsIndex:
     Per prompt and layer (a "unit"), the neurons are grouped by their count c (at most
     T + 1 values) and sorted by S inside each group. For a setting, neuron i counts iff
     ``S_i > t(c_i)`` with ``t(c) = S_(k) * (threshold - w_count * c / c_max) / w_sum``,
-    so each group needs one search for its own threshold. The search is a lookup: each
-    group's S range is cut into as many cells as it has neurons, evenly in the float32
-    bit pattern (a piecewise-linear log scale), and a cell table gives where each cell
-    starts and its first value. Most cells hold 0 or 1 neuron, so one table read
-    settles the group; the rest finish with a short binary search. Work per setting is
-    a few passes over the groups, not over the neurons.
+    one threshold per group. A group whose smallest S is above its threshold counts
+    whole, one whose largest S is not counts nothing; only the groups that straddle
+    their threshold need a search. The search is a lookup: each group's S range is cut
+    into as many cells as it has neurons, evenly in the float32 bit pattern (a
+    piecewise-linear log scale), and a table gives each cell's start and first value.
+    Most cells hold 0 or 1 neuron, so one table read settles a group; the rest finish
+    with a short binary search. The work per setting grows with the number of groups
+    (units x distinct counts), not with the number of neurons.
 
-    It also satisfies the tuner's ``LevelsSource`` protocol (``levels``, ``solve``).
+    Memory: about 12 bytes per neuron (sorted S bits and the cell table) plus the S it
+    was built from. It also satisfies the tuner's ``LevelsSource`` protocol (``levels``,
+    ``solve``).
     """
 
     def __init__(
@@ -290,7 +294,11 @@ class LevelsIndex:
             np.concatenate(column) for column in zip(*parts, strict=True)
         )
         self._g_start = g_start
+        self._g_size = g_size
         self._g_end = g_start + g_size
+        # smallest and largest S of each group, as float64 values
+        self._g_min = self._vals[g_start].view(np.float32).astype(np.float64)
+        self._g_max = self._vals[self._g_end - 1].view(np.float32).astype(np.float64)
         self._g_unit = g_start // n
         self._g_zero = g_count == 0
         c_max = self._c_max[self._g_unit]
@@ -316,6 +324,18 @@ class LevelsIndex:
         self._by_top_k[k] = result
         return result
 
+    @property
+    def num_groups(self) -> int:
+        """(unit, count) groups: what the cost of a setting grows with."""
+        return int(self._g_start.size)
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the index's own arrays (the S it was built from not included)."""
+        return sum(v.nbytes for v in vars(self).values() if isinstance(v, np.ndarray)) - int(
+            self._S.nbytes
+        )
+
     # -- one setting ---------------------------------------------------------------
 
     def counts(self, w_sum: float, w_count: float, threshold: float, top_k: int) -> np.ndarray:
@@ -335,24 +355,34 @@ class LevelsIndex:
                 t[dead & self._g_zero] = -1.0 if threshold < 0 else 1.0
         else:
             t = np.where(w_count * self._g_norm > threshold, -1.0, np.inf)
-        # q: bits of the largest float32 <= t, so that "S > t" <=> bits(S) > q. A negative
-        # t gives a negative q (every S counts); t beyond float32 gives inf's bits (none).
-        with np.errstate(over="ignore"):
-            f = t.astype(np.float32)
+        # Most groups lie wholly above or below their threshold: settle those from the
+        # group's smallest and largest S; look up only the groups that straddle it.
+        every = t < self._g_min
+        above = np.where(every, self._g_size, 0)
+        straddle = np.flatnonzero((t < self._g_max) ^ every)
+        if straddle.size:
+            above[straddle] = self._g_end[straddle] - self._position(t[straddle], straddle)
+        return np.add.reduceat(above, self._unit_first).reshape(self.num_prompts, len(self.layers))
+
+    def _position(self, t: np.ndarray, groups: np.ndarray) -> np.ndarray:
+        """For each group, the position of its first S above t (0 <= t < the group's max)."""
+        t += 0.0  # -0.0 -> 0.0
+        # q: bits of the largest float32 <= t, so that "S > t" <=> bits(S) > q
+        f = t.astype(np.float32)
         q = f.view(np.int32).astype(np.int64)
         q -= f > t
-        cell = self._g_start + _cell_of(q, self._g_lo, self._g_scale, self._g_last)
+        local = _cell_of(q, self._g_lo[groups], self._g_scale[groups], self._g_last[groups])
+        cell = self._g_start[groups] + local
         word = np.take(self._cells, cell)
         pos = word >> 32  # the cell's start: every S before it is <= q, every S after > q
         low = word & 0xFFFFFFFF
         below = (low & 0x7FFFFFFF) <= q  # the cell's first S is not above t
         pos += below
-        more = np.flatnonzero(below & (low > 0x7FFFFFFF))  # and the cell has more
+        more = np.flatnonzero(below & (low > 0x7FFFFFFF))  # and the cell holds more
         if more.size:
             end = np.take(self._cells, cell[more] + 1) >> 32
             pos[more] = self._search(pos[more], end, q[more])
-        above = self._g_end - pos  # per group
-        return np.add.reduceat(above, self._unit_first).reshape(self.num_prompts, len(self.layers))
+        return pos
 
     def _search(self, lo: np.ndarray, hi: np.ndarray, q: np.ndarray) -> np.ndarray:
         """First position in [lo, hi) whose value is above q (vectorized binary search)."""

@@ -338,12 +338,14 @@ def _plot(path: str, result, model_id: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(8, 4))
     try:
         ax.plot(result.layers, result.levels, marker="o")
         ax.axhline(result.mean, linestyle="--", color="gray", label=f"mean {result.mean:.3f}")
         ax.set_xlabel("layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("kept fraction (CoreInfer 'sparsity')")
         ax.set_ylim(0, 1.05)
         params = ", ".join(f"{k}={v:g}" for k, v in result.params.items())

@@ -1,0 +1,121 @@
+"""How fast a levels setting turns into per-layer levels, from cached statistics.
+
+Synthetic statistics of the reference's shape (default 100 prompts x 28 layers x 8192
+neurons, 64 tokens per prompt): per neuron a firing probability and a heavy-tailed
+magnitude, so counts spread over 0..T and sums over orders of magnitude, as in real
+gated models. Measures, in one process on the CPU:
+
+- building the LevelsIndex (once per statistics and layer range);
+- one setting -> levels with the index, over settings from the seed's grid;
+- the plain vectorized formula (``levels_direct``) for comparison;
+- goal solving (one threshold search) with the index.
+
+Run: .venv/bin/python benchmarks/levels_speed.py [--prompts 100 --layers 28 --neurons 8192 --tokens 64]
+Numbers go to docs/performance.md ("Levels"). Each setting is timed as the best of a
+few runs (the least disturbed by other processes); the load average is printed too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import numpy as np
+
+
+def synthetic_stats(prompts: int, layers: int, neurons: int, tokens: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    shape = (prompts, layers, neurons)
+    fire = rng.beta(2, 2, size=shape)
+    c = rng.binomial(tokens, fire).astype(np.int16)
+    magnitude = rng.lognormal(0.0, 1.0, size=shape)
+    S = (c * magnitude * rng.gamma(4.0, 0.25, size=shape)).astype(np.float32)
+    return S, c
+
+
+def timed(fn, repeat: int) -> tuple[float, float]:
+    """(median, min) milliseconds of ``fn()`` over ``repeat`` calls after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times), min(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--prompts", type=int, default=100)
+    ap.add_argument("--layers", type=int, default=28)
+    ap.add_argument("--neurons", type=int, default=8192)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--repeat", type=int, default=5, help="repeats per setting")
+    ap.add_argument("--direct", type=int, default=3, help="settings timed with levels_direct")
+    args = ap.parse_args()
+
+    from autosparse.levels import LevelsIndex, levels_direct
+
+    S, c = synthetic_stats(args.prompts, args.layers, args.neurons, args.tokens)
+    print(
+        f"statistics: {args.prompts} prompts x {args.layers} layers x {args.neurons} neurons, "
+        f"{args.tokens} tokens per prompt; load average {os.getloadavg()[0]:.1f} "
+        f"on {os.cpu_count()} CPUs"
+    )
+    t0 = time.perf_counter()
+    index = LevelsIndex(S, c)
+    print(
+        f"build index:             {time.perf_counter() - t0:8.2f} s "
+        f"({index.num_groups} groups, {index.nbytes / 2**20:.0f} MiB)"
+    )
+    t0 = time.perf_counter()
+    index.hundredths(0.45, 0.55, 0.3, 100)
+    print(
+        f"first use of a top_k:    {(time.perf_counter() - t0) * 1e3:8.1f} ms (S_(k) per prompt/layer)"
+    )
+
+    grid = [
+        (w, round(1 - w, 10), th, 100)
+        for w in (0.1, 0.3, 0.45, 0.6, 0.8, 0.95)
+        for th in (0.15, 0.25, 0.35, 0.5)
+    ]
+    best, every = [], []
+    for setting in grid:
+        med, low = timed(lambda s=setting: index.hundredths(*s), args.repeat)
+        best.append(low)
+        every.append(med)
+    print(
+        f"index, one setting:       median {statistics.median(best):6.2f} ms, "
+        f"worst {max(best):6.2f} ms over {len(grid)} settings of the seed's grid "
+        f"(best of {args.repeat} runs each; median of all runs {statistics.median(every):.2f} ms)"
+    )
+
+    for setting in grid[: args.direct]:
+        ours = index.hundredths(*setting) / 100
+        ref = levels_direct(
+            S, c, w_sum=setting[0], w_count=setting[1], threshold=setting[2], top_k=setting[3]
+        )
+        assert np.array_equal(ours, ref), (setting, ours, ref)
+    med, low = timed(
+        lambda: levels_direct(S, c, w_sum=0.45, w_count=0.55, threshold=0.3, top_k=100),
+        max(1, args.direct),
+    )
+    print(f"direct formula:           median {med:6.1f} ms, min {low:6.1f} ms (same levels)")
+
+    med, low = timed(lambda: index.solve_goal(0.4, 0.45, 0.55, 100), 3)
+    calls = []
+    plain = index.hundredths
+    index.hundredths = lambda *a: calls.append(a) or plain(*a)  # count evaluations
+    result = index.solve_goal(0.4, 0.45, 0.55, 100)
+    index.hundredths = plain
+    print(
+        f"goal solving (goal 0.4):  median {med:6.1f} ms, min {low:6.1f} ms, "
+        f"{len(calls)} thresholds evaluated -> "
+        f"threshold {result.threshold}, mean {result.mean:.4f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
