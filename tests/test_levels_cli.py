@@ -127,3 +127,48 @@ def test_help():
         "--reference-calibration",
     ):
         assert option in result.output
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory):
+    """fx-csqa: lm-eval's commonsense_qa config on the 6-row fixture file."""
+    from pathlib import Path
+
+    import lm_eval.tasks
+    from test_tasks import FIXTURES, _task_yaml
+
+    tasks = tmp_path_factory.mktemp("levels-tasks")
+    builtin = Path(lm_eval.tasks.__file__).parent
+    data = str(FIXTURES / "commonsense_qa.jsonl")
+    body = {
+        "include": str(builtin / "commonsense_qa" / "default.yaml"),
+        "dataset_path": "json",
+        "dataset_name": None,
+        "dataset_kwargs": {"data_files": {s: data for s in ("train", "validation")}},
+    }
+    (tasks / "fx-csqa.yaml").write_text(_task_yaml("fx-csqa", body))
+    return tasks
+
+
+def test_calibration_from_a_task_is_disjoint_by_default_or_reference_style(setup, task_dir):
+    from autosparse.tasks import sample_ids
+
+    root, model_dir, _ = setup
+    common = ["levels", "--model", str(model_dir), "--task", "fx-csqa"]
+    common += ["--include-path", str(task_dir), "--cache-dir", str(root / "task-cache")]
+    common += ["--threshold", "0.3", "--calibration", "2", "--json"]
+
+    result = run(common + ["--exclude-limit", "3", "--seed", "42"])
+    assert result.exit_code == 0, result.output
+    calibration = json.loads(result.output[result.output.index("{") :])["calibration"]
+    evaluated = sample_ids("fx-csqa", 3, 42, include_path=[str(task_dir)])
+    assert calibration["selection"] == "disjoint" and calibration["with_answers"] is False
+    assert len(calibration["sample_ids"]) == 2
+    assert not set(calibration["sample_ids"]) & set(evaluated)
+
+    result = run(common + ["--reference-calibration"])
+    assert result.exit_code == 0, result.output
+    calibration = json.loads(result.output[result.output.index("{") :])["calibration"]
+    assert calibration["selection"] == "reference" and calibration["with_answers"] is True
+    assert calibration["overlaps_evaluation"] is True
+    assert calibration["sample_ids"] == [0, 1] and calibration["reused"] is False
