@@ -25,6 +25,53 @@ def _padded_ids(runtime: LayerRuntime) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, valid
 
 
+def _buffer(spare: dict[str, torch.Tensor], key: str, shape: tuple, like: torch.Tensor):
+    """An uninitialised (shape) tensor for ``key``: the previous batch's ``spare[key]`` when it
+    fits, else a new one. Gathered weights are tens of MB per layer; allocating them afresh
+    on every prefill pays a page fault per 4 KiB (large blocks go straight back to the OS
+    when freed). The caller overwrites every element."""
+    old = spare.pop(key, None)
+    if (
+        old is not None
+        and old.shape == shape
+        and old.dtype == like.dtype
+        and old.device == like.device
+        and (torch.is_inference_mode_enabled() or not old.is_inference())
+    ):
+        return old
+    del old
+    return torch.empty(shape, dtype=like.dtype, device=like.device)
+
+
+def _gather_rows(weights: list[torch.Tensor], ids: torch.Tensor, spare: dict, key: str):
+    """(B, len(weights) * K, D): for every sequence b, rows ``ids[b]`` of each weight (N, D),
+    stacked. Written straight into one contiguous buffer (no concatenation copy)."""
+    bsz, width = ids.shape
+    first = weights[0]
+    out = _buffer(spare, key, (bsz, len(weights) * width, first.shape[1]), first)
+    for b in range(bsz):
+        for j, w in enumerate(weights):
+            torch.index_select(w, 0, ids[b], out=out[b, j * width : (j + 1) * width])
+    return out
+
+
+def _gather_columns_t(
+    weight: torch.Tensor, ids: torch.Tensor, kept: torch.Tensor, spare: dict, key: str
+) -> torch.Tensor:
+    """(B, K, D_out): columns ``ids[b]`` of ``weight`` (D_out, N), transposed, rows past
+    ``kept[b]`` (padding) zeroed. Gathering along the contiguous dimension and then
+    transposing is several times faster than indexing rows of ``weight.t()``, which
+    reads every element with a stride of N."""
+    bsz, width = ids.shape
+    out = _buffer(spare, key, (bsz, width, weight.shape[0]), weight)
+    for b in range(bsz):
+        out[b].copy_(weight.index_select(1, ids[b]).t())
+        n = int(kept[b])
+        if n < width:
+            out[b, n:].zero_()
+    return out
+
+
 def _bmm_or_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
     """x (B, T, D_in) times per-sequence ``weight`` (B, D_out, D_in)^T (+ bias (B, D_out))."""
     if x.shape[0] == 1:
@@ -47,6 +94,7 @@ class SparseGatedMLP(nn.Module):
         super().__init__()
         self.inner = mlp
         self.runtime = runtime
+        self._spare: dict[str, torch.Tensor] = {}  # last gathered weights, reused if they fit
 
     def _dense_acts(self, x: torch.Tensor) -> torch.Tensor:
         m = self.inner
@@ -82,10 +130,13 @@ class SparseGatedMLP(nn.Module):
     @torch.no_grad()
     def _gather(self) -> None:
         m, rt = self.inner, self.runtime
-        ids, valid = _padded_ids(rt)  # (B, K)
-        gate_up = torch.cat([m.gate_proj.weight[ids], m.up_proj.weight[ids]], dim=1)  # (B, 2K, D)
-        down_t = m.down_proj.weight.t()[ids] * valid.unsqueeze(-1).to(m.down_proj.weight.dtype)
-        rt.sliced = {"gate_up": gate_up.contiguous(), "down_t": down_t.contiguous()}  # (B, K, D)
+        ids, _ = _padded_ids(rt)  # (B, K)
+        spare, kept = self._spare, rt.selection.kept
+        rt.sliced = {
+            "gate_up": _gather_rows([m.gate_proj.weight, m.up_proj.weight], ids, spare, "gate_up"),
+            "down_t": _gather_columns_t(m.down_proj.weight, ids, kept, spare, "down_t"),
+        }  # (B, 2K, D) and (B, K, D)
+        self._spare = dict(rt.sliced)
         if m.gate_proj.bias is not None:
             rt.sliced["gate_up_bias"] = torch.cat([m.gate_proj.bias[ids], m.up_proj.bias[ids]], 1)
 
@@ -98,6 +149,7 @@ class SparseOPTFc1(nn.Module):
         super().__init__()
         self.inner = fc1
         self.runtime = runtime
+        self._spare: dict[str, torch.Tensor] = {}  # last gathered weights, reused if they fit
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rt = self.runtime
@@ -119,7 +171,8 @@ class SparseOPTFc1(nn.Module):
     def _gather(self) -> None:
         rt, fc1 = self.runtime, self.inner
         ids, _ = _padded_ids(rt)
-        rt.sliced["fc1"] = fc1.weight[ids].contiguous()  # (B, K, D)
+        rt.sliced["fc1"] = _gather_rows([fc1.weight], ids, self._spare, "fc1")  # (B, K, D)
+        self._spare = {"fc1": rt.sliced["fc1"]}
         if fc1.bias is not None:
             rt.sliced["fc1_bias"] = fc1.bias[ids]
 
@@ -131,6 +184,7 @@ class SparseOPTFc2(nn.Module):
         super().__init__()
         self.inner = fc2
         self.runtime = runtime
+        self._spare: dict[str, torch.Tensor] = {}  # last gathered weights, reused if they fit
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         rt, fc2 = self.runtime, self.inner
@@ -156,6 +210,7 @@ class SparseOPTFc2(nn.Module):
     @torch.no_grad()
     def _gather(self) -> None:
         rt, fc2 = self.runtime, self.inner
-        ids, valid = _padded_ids(rt)
-        fc2_t = fc2.weight.t()[ids] * valid.unsqueeze(-1).to(fc2.weight.dtype)  # (B, K, D)
-        rt.sliced["fc2_t"] = fc2_t.contiguous()
+        ids, _ = _padded_ids(rt)
+        fc2_t = _gather_columns_t(fc2.weight, ids, rt.selection.kept, self._spare, "fc2_t")
+        rt.sliced["fc2_t"] = fc2_t  # (B, K, D)
+        self._spare = {"fc2_t": fc2_t}
