@@ -250,11 +250,9 @@ class LevelsIndex:
         # Neurons sorted by (unit, count, S): position = unit * n + rank. There is one
         # cell per neuron, numbered like positions: group g's cells are its positions.
         self._vals = np.empty(total + 1, dtype=np.int32)  # float32 bits of S, sorted
-        self._cells = np.empty(total + 1, dtype=np.int64)  # cell words, see below
+        self._cells = np.empty(total, dtype=np.int64)  # cell words, see below
         self._vals[total] = 0x7FFFFFFF  # sentinel: searches may read one past the end
-        self._cells[total] = (total << 32) | 0x7FFFFFFF
         parts: list[tuple[np.ndarray, ...]] = []
-        widest = 0
         for u0 in range(0, units, chunk_units):
             u1 = min(units, u0 + chunk_units)
             offset, m = u0 * n, (u1 - u0) * n
@@ -287,9 +285,7 @@ class LevelsIndex:
                 ((cell_start + offset) << 32) | ((per_cell >= 2).astype(np.int64) << 31) | first
             )
             self._vals[offset : offset + m] = vals
-            widest = max(widest, int(per_cell.max()))
             parts.append((starts + offset, size, count[starts], lo, scale, last))
-        self._search_steps = widest.bit_length()
         g_start, g_size, g_count, self._g_lo, self._g_scale, self._g_last = (
             np.concatenate(column) for column in zip(*parts, strict=True)
         )
@@ -355,24 +351,33 @@ class LevelsIndex:
                 t[dead & self._g_zero] = -1.0 if threshold < 0 else 1.0
         else:
             t = np.where(w_count * self._g_norm > threshold, -1.0, np.inf)
-        # Most groups lie wholly above or below their threshold: settle those from the
-        # group's smallest and largest S; look up only the groups that straddle it.
+        # Groups wholly above or below their threshold are settled by the group's
+        # smallest and largest S. When few groups straddle their threshold, only those
+        # are looked up; when most do, all are (the lookup is exact for every group,
+        # and it saves gathering the straddlers out).
         every = t < self._g_min
-        above = np.where(every, self._g_size, 0)
-        straddle = np.flatnonzero((t < self._g_max) ^ every)
-        if straddle.size:
-            above[straddle] = self._g_end[straddle] - self._position(t[straddle], straddle)
+        straddles = (t < self._g_max) ^ every
+        if 2 * np.count_nonzero(straddles) > straddles.size:
+            above = self._g_end - self._position(t)
+        else:
+            above = np.where(every, self._g_size, 0)
+            some = np.flatnonzero(straddles)
+            if some.size:
+                above[some] = self._g_end[some] - self._position(t[some], some)
         return np.add.reduceat(above, self._unit_first).reshape(self.num_prompts, len(self.layers))
 
-    def _position(self, t: np.ndarray, groups: np.ndarray) -> np.ndarray:
-        """For each group, the position of its first S above t (0 <= t < the group's max)."""
+    def _position(self, t: np.ndarray, groups: np.ndarray | None = None) -> np.ndarray:
+        """Position of the first S above t in each of ``groups`` (default: all groups);
+        t is changed in place."""
+        g = slice(None) if groups is None else groups
         t += 0.0  # -0.0 -> 0.0
-        # q: bits of the largest float32 <= t, so that "S > t" <=> bits(S) > q
-        f = t.astype(np.float32)
+        # q: bits of the largest float32 <= t, so that "S > t" <=> bits(S) > q. A negative
+        # t gives a negative q (every S is above); t beyond float32 gives inf's bits.
+        with np.errstate(over="ignore"):
+            f = t.astype(np.float32)
         q = f.view(np.int32).astype(np.int64)
         q -= f > t
-        local = _cell_of(q, self._g_lo[groups], self._g_scale[groups], self._g_last[groups])
-        cell = self._g_start[groups] + local
+        cell = self._g_start[g] + _cell_of(q, self._g_lo[g], self._g_scale[g], self._g_last[g])
         word = np.take(self._cells, cell)
         pos = word >> 32  # the cell's start: every S before it is <= q, every S after > q
         low = word & 0xFFFFFFFF
@@ -380,13 +385,25 @@ class LevelsIndex:
         pos += below
         more = np.flatnonzero(below & (low > 0x7FFFFFFF))  # and the cell holds more
         if more.size:
-            end = np.take(self._cells, cell[more] + 1) >> 32
+            # Search up to the group's end: every S in a later cell is above q anyway.
+            end = self._g_end[more] if groups is None else self._g_end[groups[more]]
             pos[more] = self._search(pos[more], end, q[more])
         return pos
 
     def _search(self, lo: np.ndarray, hi: np.ndarray, q: np.ndarray) -> np.ndarray:
-        """First position in [lo, hi) whose value is above q (vectorized binary search)."""
-        for _ in range(self._search_steps):
+        """First position in [lo, hi) whose value is above q, for each row (vectorized).
+
+        Most cells that need a search hold two or three neurons, so it steps forward a
+        few times, keeping only the rows still going, and bisects what is left."""
+        pos = lo.copy()
+        rows = np.arange(lo.size)
+        for _ in range(3):
+            going = np.flatnonzero((lo < hi) & (np.take(self._vals, lo) <= q))
+            pos[rows] = lo  # rows that stopped are done
+            if going.size == 0:
+                return pos
+            rows, lo, hi, q = rows[going], lo[going] + 1, hi[going], q[going]
+        while True:
             active = lo < hi
             if not active.any():
                 break
@@ -394,7 +411,8 @@ class LevelsIndex:
             up = (np.take(self._vals, mid) <= q) & active
             lo = np.where(up, mid + 1, lo)
             hi = np.where(up | ~active, hi, mid)
-        return lo
+        pos[rows] = lo
+        return pos
 
     def hundredths(self, w_sum: float, w_count: float, threshold: float, top_k: int) -> np.ndarray:
         """Per-layer levels in integer hundredths: (L,) int64."""
