@@ -259,6 +259,8 @@ def collect_stats(
 
         return record
 
+    # The decoder without the LM head: logits are not needed (saves 10-20% of the pass).
+    body = getattr(model, "base_model", model)
     removers = []
     was_training = model.training
     started = time.perf_counter()
@@ -279,7 +281,7 @@ def collect_stats(
                 state["rows"] = torch.tensor(rows)
                 state["valid"] = valid.to(device)
                 before = list(calls)
-                model(
+                body(
                     input_ids=input_ids.to(device),
                     attention_mask=valid.long().to(device),
                     use_cache=False,
