@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -465,6 +466,7 @@ def open_storage(url: str, *, heartbeat: int | None = 60):
         if parsed.drivername == "postgresql" and importlib.util.find_spec("psycopg") is None:
             url = parsed.set(drivername="postgresql+psycopg2").render_as_string(hide_password=False)
     kw: dict[str, Any] = {}
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     if heartbeat:
         kw = {
             "heartbeat_interval": heartbeat,

@@ -187,11 +187,15 @@ def run_tune(
         spec.model, spec.task, spec.goal, spec.goal_from_baseline
     )
     url = _study_storage(name, storage)
-    optuna_storage = open_storage(url)
-    existing = load_existing(optuna_storage, name)
-    if existing is not None:
-        check_spec(existing, spec)
     load_task(canonical_name(spec.task))  # an unknown task fails here, before any write
+    # A new SQLite file is only created once every check has passed.
+    new_file = _sqlite_file(url)
+    optuna_storage = None
+    if new_file is None or new_file.exists():
+        optuna_storage = open_storage(url)
+        existing = load_existing(optuna_storage, name)
+        if existing is not None:
+            check_spec(existing, spec)
     say(f"loading {spec.model}")
     loaded = load_model(spec.model, device=device, dtype=dtype)
     from autosparse.adapters import adapter_for
@@ -216,7 +220,6 @@ def run_tune(
     say(("reused" if reused else "computed") + f" calibration statistics ({source})")
     index = LevelsIndex(stats.S, stats.c, stats.layers)
 
-    store = ResultStore(url)
     evaluator = TaskEvaluator(
         loaded,
         spec.task,
@@ -226,7 +229,6 @@ def run_tune(
         metric=spec.metric,
         max_gen_toks=max_gen_toks,
         seed=spec.seed,
-        store=store,
         progress=console is not None,
     )
     all_ids = evaluator.document_ids()
@@ -238,7 +240,10 @@ def run_tune(
         )
     screen = sorted(random.Random(spec.seed).sample(pool, spec.screen))
 
+    if optuna_storage is None:
+        optuna_storage = open_storage(url)
     study = create_or_resume(optuna_storage, name, spec)
+    store = evaluator.store = ResultStore(url)
     if "calibration_ids" not in study.user_attrs:
         study.set_user_attr("calibration_ids", calibration_ids)
         study.set_user_attr("calibration_source", source)
@@ -275,6 +280,19 @@ def run_tune(
     )
     store.close()
     return TuneOutcome(name, url, ran, summary)
+
+
+def _sqlite_file(url: str) -> Path | None:
+    """The database file of a SQLite URL (None for other databases or in-memory)."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+    except Exception:  # noqa: BLE001 - open_storage reports bad URLs
+        return None
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database)
 
 
 def _fmt(x) -> str:

