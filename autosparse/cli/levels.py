@@ -54,7 +54,8 @@ from autosparse.cli.base import layers_option, model_options
     type=click.IntRange(1),
     default=100,
     show_default=True,
-    help="Number of calibration prompts drawn from the task.",
+    help="Number of calibration prompts: drawn from the task, or the first N non-empty "
+    "lines of --calibration-file.",
 )
 @click.option(
     "--calibration-file",
