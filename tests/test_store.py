@@ -1,16 +1,11 @@
 """The result store. Contract tests run on SQLite and, when the PostgreSQL server
-binaries are installed, on a throwaway PostgreSQL server; bad URLs give one-line
-StorageErrors."""
+binaries are installed, on the throwaway PostgreSQL server of tests/conftest.py; bad URLs
+give one-line StorageErrors."""
 
 from __future__ import annotations
 
 import math
-import os
-import pwd
-import shutil
 import sqlite3
-import subprocess
-import tempfile
 from datetime import timezone
 
 import pytest
@@ -41,47 +36,6 @@ def _result(method: Method, score: float = 6.627, settings=None, **kw) -> EvalRe
     )
     base.update(kw)
     return EvalResult(**base)
-
-
-def _run_as_server_user(cmd: list[str], owner: str | None) -> None:
-    if owner:
-        cmd = ["runuser", "-u", owner, "--", *cmd]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-    if proc.returncode:
-        pytest.fail(f"{' '.join(cmd)} failed: {proc.stderr.strip() or proc.stdout.strip()}")
-
-
-@pytest.fixture(scope="module")
-def postgres_url():
-    """A PostgreSQL server on a Unix socket in a temporary directory, for this module."""
-    initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
-    if not (initdb and pg_ctl):
-        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are not installed")
-    pytest.importorskip("psycopg2")
-    owner = None
-    # A short path: the socket's path must fit in ~100 bytes.
-    root = tempfile.mkdtemp(prefix="as-pg-")
-    if os.geteuid() == 0:  # postgres refuses to run as root
-        try:
-            pw = pwd.getpwnam("postgres")
-        except KeyError:
-            shutil.rmtree(root)
-            pytest.skip("running as root and there is no postgres user to run the server")
-        owner = "postgres"
-        os.chown(root, pw.pw_uid, pw.pw_gid)
-    data = os.path.join(root, "data")
-    port = 40000 + os.getpid() % 20000
-    try:
-        _run_as_server_user([initdb, "-N", "-D", data, "-A", "trust", "-U", "postgres"], owner)
-        opts = f"-k {root} -p {port} -c listen_addresses='' -c fsync=off"
-        log = os.path.join(root, "log")
-        _run_as_server_user([pg_ctl, "-D", data, "-o", opts, "-l", log, "-w", "start"], owner)
-        try:
-            yield f"postgresql://postgres@/postgres?host={root}&port={port}"
-        finally:
-            _run_as_server_user([pg_ctl, "-D", data, "-m", "immediate", "stop"], owner)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
