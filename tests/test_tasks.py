@@ -266,3 +266,22 @@ def test_levels_method_scores_with_per_layer_keep(llama_pair):
     low, high = lm.layer_density()
     assert 0 < low <= 0.2 < high <= 0.5
     assert lm.realized_density() == pytest.approx((low + high) / 2)
+
+
+def test_opt_multiple_choice_runs_sparse(task_dir):
+    from conftest import tiny_opt
+
+    from autosparse.tasks import run_task
+
+    pair = (tiny_opt(), tiny_tokenizer())
+    kw = dict(include_path=task_dir, num_fewshot=0, limit=2, progress=False)
+    dense = run_task(pair, "fx-csqa", Method.dense(), **kw)
+    sparse = run_task(pair, "fx-csqa", CORE, **kw)
+    assert sparse.result.sample_ids == dense.result.sample_ids
+    # ReLU: the realized density can fall below the keep ratio, never above it
+    assert 0 < sparse.result.density <= 0.3
+
+    def lls(run_):
+        return [r[0][0] for s in run_.raw["samples"]["fx-csqa"] for r in s["resps"]]
+
+    assert lls(sparse) != pytest.approx(lls(dense), abs=1e-6)
