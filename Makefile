@@ -23,10 +23,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 install: $(VENV)/.installed
 
 demo: install
-	$(VENV)/bin/autosparse generate --model smollm2-135m --method coreinfer --keep 0.4 \
-		--prompt "The three most important inventions of the 20th century are" \
-		--prompt "Water boils at a lower temperature on a mountain because" \
-		--max-new-tokens 40
+	# a small real study offline (SmolLM2-135M, CommonsenseQA, goal mean keep 0.4), then its report
+	$(VENV)/bin/autosparse tune
+	$(VENV)/bin/autosparse finalize
 
 test: install
 	$(VENV)/bin/python -m pytest -q

@@ -26,7 +26,13 @@ from autosparse.cli.base import build_method, load, model_options, sparsity_opti
     help="Score a seeded random sample of N documents (the same for every method). Default: all.",
 )
 @click.option("--seed", type=int, default=42, show_default=True, help="Sample and lm-eval seed.")
-@click.option("--batch-size", type=click.IntRange(1), default=1, show_default=True)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(1),
+    default=1,
+    show_default=True,
+    help="Requests per model call (the reference used 1).",
+)
 @click.option(
     "--num-fewshot",
     type=click.IntRange(0),

@@ -19,8 +19,20 @@ from autosparse.cli.base import build_method, load, model_options, sparsity_opti
     help="A text file with one prompt per line.",
 )
 @sparsity_options
-@click.option("--max-new-tokens", type=click.IntRange(1), default=32, show_default=True)
-@click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True)
+@click.option(
+    "--max-new-tokens",
+    type=click.IntRange(1),
+    default=32,
+    show_default=True,
+    help="Tokens to generate per prompt.",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(1),
+    default=8,
+    show_default=True,
+    help="Prompts per left-padded batch.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
 def generate_command(
     model,

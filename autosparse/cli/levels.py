@@ -98,7 +98,13 @@ from autosparse.cli.base import layers_option, model_options
     multiple=True,
     help="Folder (or YAML) with your own lm-eval task configs (repeatable).",
 )
-@click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(1),
+    default=8,
+    show_default=True,
+    help="Calibration prompts per dense forward pass.",
+)
 @click.option(
     "--max-tokens",
     type=click.IntRange(1),

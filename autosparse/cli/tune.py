@@ -10,6 +10,12 @@ from autosparse.cli.base import layers_option, model_options
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_TASK = "csqa-local"
+#: the small real study `autosparse tune` runs with no options (a few minutes on a CPU)
+EMBEDDED = {"trials": 8, "screen": 30, "calibration": 32, "num_fewshot": 0}
+#: the reference workflow's sizes (num_fewshot None: the task's default, 6 shots)
+REFERENCE = {"trials": 20, "screen": 100, "calibration": 100, "num_fewshot": None}
+#: finalize's sample for the embedded default study when neither --limit nor --full is given
+EMBEDDED_FINALIZE_LIMIT = 100
 
 
 def study_options(f):
@@ -49,9 +55,9 @@ def study_options(f):
 @click.option(
     "--trials",
     type=click.IntRange(1),
-    default=20,
-    show_default=True,
-    help="Finished trials the study should hold; a rerun resumes up to this.",
+    default=None,
+    help="Finished trials the study should hold; a rerun resumes up to this "
+    "[default: 20; 8 for the embedded default study].",
 )
 @click.option(
     "--timeout", type=float, default=None, help="Stop starting trials after this many seconds."
@@ -59,11 +65,17 @@ def study_options(f):
 @click.option(
     "--screen",
     type=click.IntRange(1),
-    default=100,
-    show_default=True,
-    help="Screening samples (a seeded random sample).",
+    default=None,
+    help="Screening samples, a seeded random sample [default: 100; 30 for the embedded "
+    "default study].",
 )
-@click.option("--seed", type=int, default=42, show_default=True)
+@click.option(
+    "--seed",
+    type=int,
+    default=42,
+    show_default=True,
+    help="Seed of the screen, calibration draw, sampler and lm-eval.",
+)
 @study_options
 @click.option(
     "--baseline-keep",
@@ -100,9 +112,9 @@ def study_options(f):
 @click.option(
     "--calibration",
     type=click.IntRange(1),
-    default=100,
-    show_default=True,
-    help="Calibration prompts for the levels statistics.",
+    default=None,
+    help="Calibration prompts for the levels statistics [default: 100; 32 for the "
+    "embedded default study].",
 )
 @click.option(
     "--reference-calibration",
@@ -116,12 +128,19 @@ def study_options(f):
     "--num-fewshot",
     type=int,
     default=None,
-    help="Few-shot examples (default: the task's; reference tasks 6).",
+    help="Few-shot examples [default: the reference's 6, or the task's own; 0 for the "
+    "embedded default study].",
 )
 @click.option(
     "--metric", default=None, help="Objective metric (default: the task's primary metric)."
 )
-@click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(1),
+    default=8,
+    show_default=True,
+    help="Requests per model call.",
+)
 @click.option(
     "--max-gen-toks",
     type=click.IntRange(1),
@@ -130,7 +149,11 @@ def study_options(f):
 )
 @click.option("--no-prune", is_flag=True, help="Evaluate every trial on the whole screen.")
 @click.option(
-    "--mode", type=click.Choice(["masked", "sliced"]), default="masked", show_default=True
+    "--mode",
+    type=click.Choice(["masked", "sliced"]),
+    default="masked",
+    show_default=True,
+    help="masked: dense compute with unkept neurons zeroed (batches well); sliced: gathered weights.",
 )
 def tune_command(**opts):
     """Tune the levels parameters against a goal mean keep ratio.
@@ -149,6 +172,10 @@ def tune_command(**opts):
     o = opts
     if o["goal"] is None and o["goal_from_baseline"] is None:
         o["goal"] = 0.4  # the reference's goal for Llama-3.2-3B, and CoreInfer's keep
+    embedded = o["model"] == DEFAULT_MODEL and o["task"] == DEFAULT_TASK
+    for key, value in (EMBEDDED if embedded else REFERENCE).items():
+        if o[key] is None:
+            o[key] = value
     try:
         top_k_choices = tuple(int(x) for x in o["top_k_choices"].split(","))
     except ValueError:
@@ -216,7 +243,7 @@ def tune_command(**opts):
 @click.option(
     "--full",
     is_flag=True,
-    help="Evaluate every document but the calibration ones (the default when --limit is not given).",
+    help="Evaluate every document but the calibration ones (the default when --limit is not given, except for the embedded default study).",
 )
 @click.option(
     "--select",
@@ -225,18 +252,31 @@ def tune_command(**opts):
     show_default=True,
     help="Rank trials by screen mean or by the lower confidence bound of their gain over CoreInfer.",
 )
-@click.option("--device", default="auto", show_default=True)
-@click.option("--dtype", default="auto", show_default=True)
-@click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, mps or auto.")
 @click.option(
-    "--mode", type=click.Choice(["masked", "sliced"]), default="masked", show_default=True
+    "--dtype", default="auto", show_default=True, help="float32, float16, bfloat16 or auto."
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(1),
+    default=8,
+    show_default=True,
+    help="Requests per model call.",
+)
+@click.option(
+    "--mode",
+    type=click.Choice(["masked", "sliced"]),
+    default="masked",
+    show_default=True,
+    help="masked: dense compute with unkept neurons zeroed (batches well); sliced: gathered weights.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def finalize_command(**opts):
     """Evaluate a study's best trials and their AVG beside CoreInfer and dense.
 
     Writes studies/NAME/report.md and report.json. Without --study it finalizes the
-    embedded default study.
+    embedded default study, on a held-out sample of 100 documents unless --limit or
+    --full says otherwise.
     """
     from rich.console import Console
 
@@ -247,6 +287,8 @@ def finalize_command(**opts):
     o = opts
     if o["limit"] is not None and o["full"]:
         raise ConfigError("give --limit N or --full, not both")
+    if o["study_name"] is None and o["limit"] is None and not o["full"]:
+        o["limit"] = EMBEDDED_FINALIZE_LIMIT
     console = Console(stderr=o["as_json"])
     report, paths = run_finalize(
         o["study_name"] or DEFAULT_STUDY,
