@@ -89,11 +89,6 @@ def eval_command(
     log-likelihood tasks (multiple choice) score each answer with its tokens after
     the first running sparse. Results are stored and reused unless --force.
     """
-    import os
-
-    # tqdm reads its settings when imported: lm-eval's bars would interleave with ours
-    # (and clutter --json runs), so switch them off before lm-eval is imported
-    os.environ.setdefault("TQDM_DISABLE", "1")
     from autosparse.tasks.evaluation import eval_settings
     from autosparse.tasks.registry import canonical_name, primary_metric
 

@@ -120,6 +120,10 @@ def _rich_progress(enabled: bool) -> Iterator[Any]:
         yield update
 
 
+def _no_progress(kind: str, advance: int = 0, total: int | None = None) -> None:
+    return None
+
+
 @contextlib.contextmanager
 def _quiet_lm_eval() -> Iterator[None]:
     """lm-eval logs a warning per task for routine things (custom datasets, few-shot
@@ -303,7 +307,8 @@ def run_task(
             task_obj.config.generation_kwargs = {**gen, "max_gen_toks": int(max_gen_toks)}
         lm = SparseLM(model, tokenizer, batch_size=batch_size, max_length=max_length)
         with _rich_progress(progress) as bar, lm.sparse(method):
-            lm.progress = bar
+            # without our bar, still keep lm-eval's per-request tqdm bars quiet
+            lm.progress = bar if bar is not None else _no_progress
             out = lm_eval.simple_evaluate(
                 model=lm,
                 tasks=[task_obj],
