@@ -226,5 +226,11 @@ def _screen_section(study, spec: StudySpec, chosen: Sequence[Candidate]):
             make_row(c.label, result, coreinfer=core, dense=dense, params=c.params, seed=spec.seed)
         )
     return ReportSection(
-        f"Screen ({len(attrs.get('screen_ids', []))} documents, per-sample means)", rows
+        f"Screen ({len(attrs.get('screen_ids', []))} documents, {_objective_label(spec)})", rows
     )
+
+
+def _objective_label(spec: StudySpec) -> str:
+    if spec.objective == "task":
+        return "per-sample means of the task metric"
+    return f"objective {spec.objective}, not the task metric"

@@ -28,6 +28,7 @@ from autosparse.methods import Method
 from autosparse.results import EvalResult
 
 STRATEGIES = ("solve", "constrained")
+OBJECTIVES = ("task", "fidelity", "kl")
 SPEC_ATTR = "autosparse:spec"
 #: fields of StudySpec that must match when a study is resumed or joined
 IDENTITY_FIELDS = (
@@ -48,6 +49,7 @@ IDENTITY_FIELDS = (
     "top_k_choices",
     "threshold_range",
     "couple_w_count",
+    "objective",
 )
 
 
@@ -75,6 +77,7 @@ class StudySpec:
     couple_w_count: bool = True
     batch_size: int = 1
     prune: bool = True
+    objective: str = "task"
 
     def __post_init__(self) -> None:
         if (self.goal is None) == (self.goal_from_baseline is None):
@@ -90,6 +93,10 @@ class StudySpec:
         if self.strategy not in STRATEGIES:
             raise ConfigError(
                 f"unknown strategy {self.strategy!r}; choose {' or '.join(STRATEGIES)}"
+            )
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(
+                f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}"
             )
         if self.screen < 1:
             raise ConfigError("--screen must be at least 1")

@@ -220,13 +220,19 @@ def run_tune(
     say(("reused" if reused else "computed") + f" calibration statistics ({source})")
     index = LevelsIndex(stats.S, stats.c, stats.layers)
 
-    evaluator = TaskEvaluator(
+    if spec.objective == "task":
+        evaluator_class, metric = TaskEvaluator, spec.metric
+    else:
+        from autosparse.fidelity import FidelityEvaluator
+
+        evaluator_class, metric = FidelityEvaluator, spec.objective
+    evaluator = evaluator_class(
         loaded,
         spec.task,
         model_id=spec.model_id,
         num_fewshot=spec.num_fewshot,
         batch_size=batch_size,
-        metric=spec.metric,
+        metric=metric,
         max_gen_toks=max_gen_toks,
         seed=spec.seed,
         progress=console is not None,

@@ -132,7 +132,18 @@ def study_options(f):
     "embedded default study].",
 )
 @click.option(
-    "--metric", default=None, help="Objective metric (default: the task's primary metric)."
+    "--metric",
+    default=None,
+    help="Task metric for --objective task (default: the task's primary metric).",
+)
+@click.option(
+    "--objective",
+    type=click.Choice(["task", "fidelity", "kl"]),
+    default="task",
+    show_default=True,
+    help="task: the task metric on the screen; fidelity: mean log-likelihood of the dense "
+    "model's own continuation (one teacher-forced pass, no generation); kl: minus the KL to "
+    "the dense next-token distributions. finalize always reports the task metric.",
 )
 @click.option(
     "--batch-size",
@@ -202,6 +213,7 @@ def tune_command(**opts):
         calibration=o["calibration"],
         top_k_choices=top_k_choices,
         prune=not o["no_prune"],
+        objective=o["objective"],
     )
     from dataclasses import replace
 
