@@ -121,3 +121,14 @@ def test_bad_metric_is_a_one_line_error(setup):
     )
     assert result.exit_code == 1
     assert "Error: the task has no metric 'bleu'; fx-csqa reports acc" in result.output
+
+
+def test_eval_levels_file(setup, tmp_path):
+    levels = tmp_path / "levels.json"
+    levels.write_text("[0.2, 0.5]")  # tiny llama: layers 1 and 2 run sparse
+    result = invoke(setup, "--method", "levels", "--levels", str(levels), "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["method"]["name"] == "levels" and data["method"]["keep"] == [0.2, 0.5]
+    low, high = data["layer_density"]
+    assert 0 < low <= 0.2 < high <= 0.5
