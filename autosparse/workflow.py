@@ -178,7 +178,6 @@ def run_tune(
     running a model (storage, task, the study's spec) is checked before anything is written."""
     from autosparse.calibration import load_or_collect
     from autosparse.levels import LevelsIndex
-    from autosparse.models import load_model
     from autosparse.store import ResultStore
     from autosparse.tasks.registry import canonical_name, load_task
 
@@ -197,7 +196,7 @@ def run_tune(
         if existing is not None:
             check_spec(existing, spec)
     say(f"loading {spec.model}")
-    loaded = load_model(spec.model, device=device, dtype=dtype)
+    loaded = _load_quietly(spec.model, device, dtype)
     from autosparse.adapters import adapter_for
     from autosparse.engine.config import resolve_layers
 
@@ -288,6 +287,15 @@ def run_tune(
     return TuneOutcome(name, url, ran, summary)
 
 
+def _load_quietly(model: str, device: str, dtype: str):
+    from transformers.utils import logging as hf_logging
+
+    from autosparse.models import load_model
+
+    hf_logging.disable_progress_bar()  # the workflow prints its own status lines
+    return load_model(model, device=device, dtype=dtype)
+
+
 def _sqlite_file(url: str) -> Path | None:
     """The database file of a SQLite URL (None for other databases or in-memory)."""
     from sqlalchemy.engine import make_url
@@ -351,7 +359,6 @@ def run_finalize(
 ):
     """Finalize a study; returns (report, (report.md, report.json))."""
     from autosparse.finalize import finalize
-    from autosparse.models import load_model
     from autosparse.report import write_report
     from autosparse.store import ResultStore
 
@@ -366,7 +373,7 @@ def run_finalize(
     spec = StudySpec.from_dict(study.user_attrs[SPEC_ATTR])
     say = _say(console)
     say(f"loading {spec.model}")
-    loaded = load_model(spec.model, device=device, dtype=dtype)
+    loaded = _load_quietly(spec.model, device, dtype)
     from autosparse.models import model_identity
 
     if model_identity(spec.model) != spec.model_id:

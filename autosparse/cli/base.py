@@ -145,8 +145,10 @@ def build_method(
 def load(model: str, device: str, dtype: str):
     """Load a model with a status line on stderr (loading can take a while)."""
     from rich.console import Console
+    from transformers.utils import logging as hf_logging
 
     from autosparse.models import load_model
 
+    hf_logging.disable_progress_bar()  # the status line below says what is happening
     with Console(stderr=True).status(f"loading {model} ..."):
         return load_model(model, device=device, dtype=dtype)
