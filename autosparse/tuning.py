@@ -388,7 +388,12 @@ class Tuner:
         done_states = (TrialState.COMPLETE, TrialState.PRUNED)
         start = time.monotonic()
         ran = 0
+        from optuna.storages import fail_stale_trials
+
         while True:
+            # A dead worker's RUNNING trial must not count towards the target: fail it
+            # now (its retry is queued) instead of waiting for the next trial request.
+            fail_stale_trials(self.study)
             states = (*done_states, TrialState.RUNNING)
             if len(self.study.get_trials(deepcopy=False, states=states)) >= trials:
                 break
@@ -481,14 +486,25 @@ def open_storage(url: str, *, heartbeat: int | None = 60):
             "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(max_retry=2),
         }
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        return RDBStorage(url, engine_kwargs=engine_kwargs, **kw)
-    except Exception as exc:  # noqa: BLE001 - sqlalchemy/driver errors of many kinds
-        shown = parsed.render_as_string(hide_password=True)
-        first = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-        raise StorageError(
-            f"cannot open storage {shown}: {first[0] if first else type(exc).__name__}"
-        ) from exc
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    error: Exception | None = None
+    for attempt in range(4):
+        try:
+            return RDBStorage(url, engine_kwargs=engine_kwargs, **kw)
+        except (IntegrityError, ProgrammingError) as exc:
+            # Workers opening a new database together race to create Optuna's tables;
+            # the loser sees a duplicate-key or "already exists" error: try again.
+            error = exc
+            time.sleep(0.2 * (attempt + 1))
+        except Exception as exc:  # noqa: BLE001 - sqlalchemy/driver errors of many kinds
+            error = exc
+            break
+    shown = parsed.render_as_string(hide_password=True)
+    first = str(getattr(error, "orig", None) or error).strip().splitlines()
+    raise StorageError(
+        f"cannot open storage {shown}: {first[0] if first else type(error).__name__}"
+    ) from error
 
 
 def load_existing(storage, name: str):

@@ -184,3 +184,40 @@ def test_decode_without_prefill_is_a_clear_error(llama):
         cache = llama(PROMPT, use_cache=True).past_key_values
         with SparseEngine(llama, 0.4, layers=LAYERS), pytest.raises(ConfigError, match="prefill"):
             llama(PROMPT[:, :1], past_key_values=cache, use_cache=True)
+
+
+def _tiny_family(kind: str):
+    import transformers
+
+    common = dict(
+        vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0,
+    )
+    config_cls, model_cls = {
+        "mistral": ("MistralConfig", "MistralForCausalLM"),
+        "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+        "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+        "gemma": ("GemmaConfig", "GemmaForCausalLM"),
+    }[kind]
+    if kind == "gemma":
+        common["head_dim"] = 16
+    torch.manual_seed(0)
+    config = getattr(transformers, config_cls)(**common)
+    return getattr(transformers, model_cls)(config).eval()
+
+
+@pytest.mark.parametrize("kind", ["mistral", "qwen2", "qwen3", "gemma"])
+def test_other_gated_families(kind):
+    model = _tiny_family(kind)
+    _, dense_logits = generate(model, PROMPT)
+    with SparseEngine(model, 1.0, layers="1:2", mode="sliced"):
+        _, full = generate(model, PROMPT)
+    assert torch.equal(full, dense_logits)
+    with SparseEngine(model, 0.3, layers="1:2", mode="masked") as engine:
+        m_tokens, m_logits = generate(model, PROMPT)
+    with SparseEngine(model, 0.3, layers="1:2", mode="sliced"):
+        s_tokens, s_logits = generate(model, PROMPT)
+    assert torch.equal(m_tokens, s_tokens)
+    torch.testing.assert_close(s_logits, m_logits, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(m_logits[:, 1:], dense_logits[:, 1:])
+    assert 0 < engine.realized_density() <= 0.3

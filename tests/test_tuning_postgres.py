@@ -118,9 +118,8 @@ def _run_two_workers(url: str, tmp_path: Path, target: int) -> list[int]:
 
 def test_two_processes_share_one_postgres_study(postgres_database, tmp_path):
     url, target = postgres_database, 12
-    # Optuna's tables first: workers starting together on a new PostgreSQL database race to
-    # create them, and open_storage does not yet retry the loser as ResultStore does.
-    open_storage(url, heartbeat=None)
+    # Both workers start on an empty database: they race to create Optuna's tables and
+    # the study, which open_storage and create_or_resume must absorb.
     ran = _run_two_workers(url, tmp_path, target)
     assert all(n > 0 for n in ran), f"one worker ran every trial: {ran}"
 
@@ -245,11 +244,6 @@ def test_a_killed_worker_s_trial_is_retried_with_its_parameters(study_url, tmp_p
     assert ids and ids == SCREEN[: len(ids)]
 
 
-@pytest.mark.xfail(
-    reason="Tuner.run counts a dead worker's RUNNING trial towards the target, so when that "
-    "trial was the last one needed no trial is asked for and the stale check never runs",
-    strict=True,
-)
 def test_a_killed_worker_s_last_trial_is_retried(tmp_path):
     url, target = f"sqlite:///{tmp_path / 'study.db'}", 1
     victim = _kill_a_worker_mid_trial(url, tmp_path, target)
