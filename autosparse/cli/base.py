@@ -152,3 +152,13 @@ def load(model: str, device: str, dtype: str):
     hf_logging.disable_progress_bar()  # the status line below says what is happening
     with Console(stderr=True).status(f"loading {model} ..."):
         return load_model(model, device=device, dtype=dtype)
+
+
+def console(stderr: bool = False):
+    """A rich console for command output. Tables are wide; when the output is not a
+    terminal (a pipe, a file, CI logs) rich would wrap them at 80 columns, so use 160."""
+    from rich.console import Console
+
+    stream = sys.stderr if stderr else sys.stdout
+    width = None if stream.isatty() else 160
+    return Console(stderr=stderr, width=width)

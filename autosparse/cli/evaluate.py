@@ -7,6 +7,7 @@ import json
 import click
 
 from autosparse.cli.base import build_method, load, model_options, sparsity_options
+from autosparse.cli.base import console as make_console
 
 
 @click.command("eval")
@@ -163,10 +164,9 @@ def _plain(result) -> dict:
 
 
 def _render(result, method, cached: bool) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = make_console()
     title = f"{result.task} · {method.label()} · {result.model}"
     table = Table(title=title)
     table.add_column("metric")

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from autosparse.cli.base import build_method, load, model_options, sparsity_options
+from autosparse.cli.base import console as make_console
 
 
 @click.command("generate")
@@ -97,10 +98,9 @@ def _as_dict(source: str, run) -> dict:
 
 
 def _render(source: str, run) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = make_console()
     for g in run.generations:
         console.rule(f"[bold]{g.prompt}")
         console.print(g.text, markup=False, highlight=False)

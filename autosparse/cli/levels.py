@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from autosparse.cli.base import console as make_console
 from autosparse.cli.base import layers_option, model_options
 
 
@@ -319,11 +320,10 @@ def _calibration_samples(
 
 
 def _render(result, calibration: dict, model_id: str) -> None:
-    from rich.console import Console
 
     from autosparse.report import levels_table
 
-    console = Console()
+    console = make_console()
     where = calibration.get("task") or calibration["source"].removeprefix("file:")
     title = f"levels (kept fraction per layer, CoreInfer 'sparsity') · {model_id}"
     console.print(levels_table(list(result.layers), list(result.levels), title=title))

@@ -6,6 +6,7 @@ import json
 
 import click
 
+from autosparse.cli.base import console as make_console
 from autosparse.cli.base import layers_option, model_options
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -174,7 +175,6 @@ def tune_command(**opts):
     are evaluated once on the same screen. Rerunning the command resumes the study.
     With no options it runs a small real study offline (SmolLM2-135M, CommonsenseQA).
     """
-    from rich.console import Console
 
     from autosparse.models import model_identity
     from autosparse.tuning import StudySpec
@@ -218,7 +218,7 @@ def tune_command(**opts):
     from dataclasses import replace
 
     spec = replace(spec, model_id=model_identity(o["model"]))
-    console = Console()
+    console = make_console()
     outcome = run_tune(
         spec,
         study_name=o["study_name"],
@@ -290,7 +290,6 @@ def finalize_command(**opts):
     embedded default study, on a held-out sample of 100 documents unless --limit or
     --full says otherwise.
     """
-    from rich.console import Console
 
     from autosparse.errors import ConfigError
     from autosparse.report import report_tables, to_json
@@ -301,7 +300,7 @@ def finalize_command(**opts):
         raise ConfigError("give --limit N or --full, not both")
     if o["study_name"] is None and o["limit"] is None and not o["full"]:
         o["limit"] = EMBEDDED_FINALIZE_LIMIT
-    console = Console(stderr=o["as_json"])
+    console = make_console(stderr=o["as_json"])
     report, paths = run_finalize(
         o["study_name"] or DEFAULT_STUDY,
         storage=o["storage"],
@@ -326,7 +325,6 @@ def finalize_command(**opts):
 @click.option("--storage", default=None, help="A study database URL (default: every studies/*.db).")
 def studies_command(storage):
     """List studies with their best trial."""
-    from rich.console import Console
     from rich.table import Table
 
     from autosparse.workflow import list_studies
@@ -336,7 +334,7 @@ def studies_command(storage):
         table.add_column(col)
     for row in list_studies(storage):
         table.add_row(*[str(x) if x is not None else "-" for x in row])
-    Console().print(table)
+    make_console().print(table)
 
 
 @click.command("show")
@@ -346,12 +344,11 @@ def studies_command(storage):
 )
 def show_command(name, storage):
     """Print a study's trials: parameters, achieved mean keep, density, score, gain vs CoreInfer."""
-    from rich.console import Console
 
     from autosparse.workflow import show
 
     for renderable in show(name, storage):
-        Console().print(renderable)
+        make_console().print(renderable)
 
 
 COMMANDS = [tune_command, finalize_command, studies_command, show_command]
