@@ -165,6 +165,11 @@ def load_task(task: str, include_path=None, *, metadata: dict | None = None):
                 f"({', '.join(sorted(ALIASES))}) or a task in the include path"
             )
         target = name
+    import logging
+
+    lm_logger = logging.getLogger("lm_eval")
+    level = lm_logger.level
+    lm_logger.setLevel(logging.ERROR)  # routine warnings (custom datasets, metadata hints)
     try:
         loaded = tm.load([target])
     except TaskError:
@@ -177,6 +182,8 @@ def load_task(task: str, include_path=None, *, metadata: dict | None = None):
                 "truthfulqa-local, csqa-local, nq-local)"
             )
         raise TaskError(f"could not load task {name!r}: {type(exc).__name__}: {exc}{hint}") from exc
+    finally:
+        lm_logger.setLevel(level)
     tasks = loaded["tasks"]
     if len(tasks) != 1:
         raise TaskError(
