@@ -12,6 +12,7 @@ sampling, levels, the Optuna storage, lm-eval's request building and scoring.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -19,6 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's bars; read when tqdm is imported
 
 
 class ForwardTimer:
