@@ -1,7 +1,8 @@
 """The fidelity objective: how closely a sparse model follows the dense model's own output.
 
 For every document the dense model's greedy continuation of the task prompt is
-generated once and stored (a *reference*). A trial then scores the sparse model on
+generated once and stored (a *reference*: up to ``max_new_tokens`` tokens, ending at
+the first end-of-sequence token, which is suppressed until ``min_new_tokens`` exist). A trial then scores the sparse model on
 each reference in one teacher-forced forward pass over prompt + continuation, with
 the engine's continuation-scoring path: the prompt runs dense and selects the core
 neurons, every continuation position runs sparse. No generation happens in a trial.
