@@ -186,7 +186,7 @@ def run_tune(
         spec.model, spec.task, spec.goal, spec.goal_from_baseline
     )
     url = _study_storage(name, storage)
-    load_task(canonical_name(spec.task))  # an unknown task fails here, before any write
+    _, task_obj = load_task(canonical_name(spec.task))  # an unknown task fails before any write
     # A new SQLite file is only created once every check has passed.
     new_file = _sqlite_file(url)
     optuna_storage = None
@@ -219,6 +219,19 @@ def run_tune(
     say(("reused" if reused else "computed") + f" calibration statistics ({source})")
     index = LevelsIndex(stats.S, stats.c, stats.layers)
 
+    all_ids = list(range(len(task_obj.eval_docs)))
+    calibration_ids = [i for i, _ in samples] if exclude else []
+    pool = [i for i in all_ids if i not in set(calibration_ids)]
+    if spec.screen > len(pool):
+        raise ConfigError(
+            f"--screen {spec.screen} exceeds the {len(pool)} documents left after calibration"
+        )
+    screen = sorted(random.Random(spec.seed).sample(pool, spec.screen))
+
+    if optuna_storage is None:
+        optuna_storage = open_storage(url)
+    study = create_or_resume(optuna_storage, name, spec)
+    store = ResultStore(url)
     if spec.objective == "task":
         evaluator_class, metric = TaskEvaluator, spec.metric
     else:
@@ -232,23 +245,11 @@ def run_tune(
         num_fewshot=spec.num_fewshot,
         batch_size=batch_size,
         metric=metric,
-        max_gen_toks=max_gen_toks,
+        max_gen_toks=max_gen_toks if spec.objective == "task" else None,
         seed=spec.seed,
+        store=store,
         progress=console is not None,
     )
-    all_ids = evaluator.document_ids()
-    calibration_ids = [i for i, _ in samples] if exclude else []
-    pool = [i for i in all_ids if i not in set(calibration_ids)]
-    if spec.screen > len(pool):
-        raise ConfigError(
-            f"--screen {spec.screen} exceeds the {len(pool)} documents left after calibration"
-        )
-    screen = sorted(random.Random(spec.seed).sample(pool, spec.screen))
-
-    if optuna_storage is None:
-        optuna_storage = open_storage(url)
-    study = create_or_resume(optuna_storage, name, spec)
-    store = evaluator.store = ResultStore(url)
     if "calibration_ids" not in study.user_attrs:
         study.set_user_attr("calibration_ids", calibration_ids)
         study.set_user_attr("calibration_source", source)

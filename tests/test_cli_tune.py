@@ -170,3 +170,21 @@ def test_a_study_of_another_model_is_refused(tuned, tmp_path):
     result = run([*TUNE, "--model", str(other), "--study", "tiny-csqa-local-g0.4"], cwd)
     assert result.exit_code == 1 and "was created with model_id" in result.output
     assert trials_of(cwd) == before
+
+
+def test_fidelity_objective_stores_dense_references_once(model_dir, tmp_path):
+    import sqlite3
+
+    args = [*TUNE, "--model", model_dir, "--objective", "fidelity", "--trials", "2"]
+    result = run(args, tmp_path)
+    assert result.exit_code == 0, result.output
+    trials = trials_of(tmp_path)
+    assert len(trials) == 2 and all(value < 0 for _, value, _ in trials)  # mean log-likelihoods
+    db = sqlite3.connect(tmp_path / "studies" / "tiny-csqa-local-g0.4.db")
+    refs = db.execute("select count(*) from autosparse_fidelity_references").fetchone()[0]
+    assert refs == 6  # one dense continuation per screen document
+    again = run([*args[:-1], "3"], tmp_path)  # resume: no new references
+    assert again.exit_code == 0, again.output
+    assert db.execute("select count(*) from autosparse_fidelity_references").fetchone()[0] == 6
+    mixed = run([*TUNE, "--model", model_dir], tmp_path)  # same study name, task objective
+    assert mixed.exit_code == 1 and "objective" in mixed.output
