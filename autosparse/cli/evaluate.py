@@ -41,7 +41,10 @@ from autosparse.cli.base import console as make_console
     help="Few-shot examples. Default: 6 (the reference's); tasks fixed at 0 shots keep 0.",
 )
 @click.option(
-    "--metric", default=None, help="Primary metric. Default: the task's (e.g. acc, bleu_max)."
+    "--metric",
+    default=None,
+    help="Primary metric. Default: the task's (e.g. acc, bleu_max). fidelity / kl: score "
+    "the method on the dense model's own greedy continuations (docs/fidelity.md).",
 )
 @click.option(
     "--include-path",
@@ -112,10 +115,28 @@ def eval_command(
 
     store = _open_store(storage)
     result, cached = None, False
-    if store is not None and not force:
+    if metric in ("fidelity", "kl"):
+        # the dense-fidelity objective: no generation per method, one teacher-forced pass
+        from autosparse.fidelity import FidelityEvaluator
+        from autosparse.tasks.sampling import sample_ids
+
+        ids = sample_ids(task_name, limit, seed, include_path=list(include_path) or None)
+        evaluator = FidelityEvaluator(
+            load(model, device, dtype),
+            task_name,
+            model_id=model_name,
+            num_fewshot=num_fewshot,
+            batch_size=batch_size,
+            metric=metric,
+            seed=seed,
+            store=None if force else store,
+            progress=not as_json,
+        )
+        result = evaluator.run(chosen, ids)
+    elif store is not None and not force:
         result = store.find(model_name, task_name, chosen, settings)
         cached = result is not None
-    if result is None:
+    if result is None and metric not in ("fidelity", "kl"):
         from autosparse.tasks import evaluate
 
         loaded = load(model, device, dtype)
