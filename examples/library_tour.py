@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's bars; read when tqdm is first imported
+
 from autosparse.calibration import load_or_collect
 from autosparse.generation import generate
 from autosparse.levels import LevelsIndex
