@@ -8,20 +8,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from autosparse.errors import ConfigError
+from autosparse.levels import average_levels
 from autosparse.methods import Method
 from autosparse.tuning import Evaluator, StudySpec, clamp_levels, finished_trials
-
-
-def average_levels(vectors: Sequence[Sequence[float]]) -> list[float]:
-    """The seed's AVG: element-wise mean of level vectors, rounded to 2 decimals."""
-    try:
-        from autosparse.levels import average_levels as shared
-    except ImportError:  # pragma: no cover - levels module always ships
-        shared = None
-    if shared is not None:
-        return list(shared(vectors))
-    n = len(vectors)
-    return [round(sum(col) / n, 2) for col in zip(*vectors, strict=True)]
 
 
 def held_out_ids(
