@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import sys
 
 import click
@@ -24,30 +23,28 @@ class AutosparseGroup(click.Group):
             sys.exit(130)
 
 
+def device_options(f):
+    """--device, --dtype."""
+    f = click.option(
+        "--dtype",
+        default="auto",
+        show_default=True,
+        help="float32, float16, bfloat16 or auto (float32 on CPU, float16 on GPU).",
+    )(f)
+    return click.option(
+        "--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, mps or auto."
+    )(f)
+
+
 def model_options(f):
     """--model, --device, --dtype."""
-
-    @click.option(
+    return click.option(
         "--model",
         "model",
         default="smollm2-135m",
         show_default=True,
         help="Hub id, local folder, or alias (smollm2-135m, llama3-3b, opt-6.7b).",
-    )
-    @click.option(
-        "--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, mps or auto."
-    )
-    @click.option(
-        "--dtype",
-        default="auto",
-        show_default=True,
-        help="float32, float16, bfloat16 or auto (float32 on CPU, float16 on GPU).",
-    )
-    @functools.wraps(f)
-    def wrapper(*args, **kwargs):
-        return f(*args, **kwargs)
-
-    return wrapper
+    )(device_options(f))
 
 
 def layers_option(f):

@@ -7,7 +7,7 @@ import json
 import click
 
 from autosparse.cli.base import console as make_console
-from autosparse.cli.base import layers_option, model_options
+from autosparse.cli.base import device_options, layers_option, model_options
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_TASK = "csqa-local"
@@ -264,10 +264,7 @@ def tune_command(**opts):
     show_default=True,
     help="Rank trials by screen mean or by the lower confidence bound of their gain over CoreInfer.",
 )
-@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, mps or auto.")
-@click.option(
-    "--dtype", default="auto", show_default=True, help="float32, float16, bfloat16 or auto."
-)
+@device_options
 @click.option(
     "--batch-size",
     type=click.IntRange(1),
