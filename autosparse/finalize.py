@@ -116,16 +116,7 @@ def finalize(
     core = evaluator.run(core_method, ids)
     say(f"dense on {len(ids)} documents")
     dense = evaluator.run(Method.dense(), ids)
-    rows = [
-        make_row(
-            f"CoreInfer keep={spec.baseline_keep:g}",
-            core,
-            coreinfer=core,
-            dense=dense,
-            seed=spec.seed,
-        ),
-        make_row("dense", dense, coreinfer=core, dense=dense, seed=spec.seed),
-    ]
+    rows = _baseline_rows(spec, core, dense)
     for c in chosen:
         say(f"{c.label} on {len(ids)} documents")
         result = evaluator.run(c.method, ids)
@@ -186,16 +177,7 @@ def _screen_section(study, spec: StudySpec, chosen: Sequence[Candidate]):
         )
 
     core, dense = as_result(attrs["baseline:coreinfer"]), as_result(attrs["baseline:dense"])
-    rows = [
-        make_row(
-            f"CoreInfer keep={spec.baseline_keep:g}",
-            core,
-            coreinfer=core,
-            dense=dense,
-            seed=spec.seed,
-        ),
-        make_row("dense", dense, coreinfer=core, dense=dense, seed=spec.seed),
-    ]
+    rows = _baseline_rows(spec, core, dense)
     by_number = {f"trial #{t.number}": t for t in study.get_trials(deepcopy=False)}
     for c in chosen:
         t = by_number.get(c.label)
@@ -223,3 +205,14 @@ def _objective_label(spec: StudySpec) -> str:
     if spec.objective == "task":
         return "per-sample means of the task metric"
     return f"objective {spec.objective}, not the task metric"
+
+
+def _baseline_rows(spec: StudySpec, core, dense) -> list:
+    """The CoreInfer and dense rows every section starts with."""
+    from autosparse.report import make_row
+
+    label = f"CoreInfer keep={spec.baseline_keep:g}"
+    return [
+        make_row(label, core, coreinfer=core, dense=dense, seed=spec.seed),
+        make_row("dense", dense, coreinfer=core, dense=dense, seed=spec.seed),
+    ]
