@@ -56,6 +56,17 @@ def layers_option(f):
     )(f)
 
 
+def mode_option(f):
+    return click.option(
+        "--mode",
+        type=click.Choice(["masked", "sliced"]),
+        default="masked",
+        show_default=True,
+        help="masked: dense compute with unkept neurons zeroed (batch-friendly); "
+        "sliced: gathered weights (the mode that saves time).",
+    )(f)
+
+
 def sparsity_options(f):
     """--method, --keep, --token-ratio, --levels, --mode (shared by generate and eval)."""
     for opt in reversed(
@@ -89,14 +100,7 @@ def sparsity_options(f):
                 default=None,
                 help="Levels file (JSON from `autosparse levels`, or a plain per-layer list).",
             ),
-            click.option(
-                "--mode",
-                type=click.Choice(["masked", "sliced"]),
-                default="masked",
-                show_default=True,
-                help="masked: dense compute with unkept neurons zeroed (batch-friendly); "
-                "sliced: gathered weights (the mode that saves time).",
-            ),
+            mode_option,
             layers_option,
         ]
     ):

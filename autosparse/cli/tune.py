@@ -7,7 +7,7 @@ import json
 import click
 
 from autosparse.cli.base import console as make_console
-from autosparse.cli.base import device_options, layers_option, model_options
+from autosparse.cli.base import device_options, layers_option, mode_option, model_options
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_TASK = "csqa-local"
@@ -160,13 +160,7 @@ def study_options(f):
     help="Cap generated tokens per sample (generation tasks).",
 )
 @click.option("--no-prune", is_flag=True, help="Evaluate every trial on the whole screen.")
-@click.option(
-    "--mode",
-    type=click.Choice(["masked", "sliced"]),
-    default="masked",
-    show_default=True,
-    help="masked: dense compute with unkept neurons zeroed (batches well); sliced: gathered weights.",
-)
+@mode_option
 def tune_command(**opts):
     """Tune the levels parameters against a goal mean keep ratio.
 
@@ -272,13 +266,7 @@ def tune_command(**opts):
     show_default=True,
     help="Requests per model call.",
 )
-@click.option(
-    "--mode",
-    type=click.Choice(["masked", "sliced"]),
-    default="masked",
-    show_default=True,
-    help="masked: dense compute with unkept neurons zeroed (batches well); sliced: gathered weights.",
-)
+@mode_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def finalize_command(**opts):
     """Evaluate a study's best trials and their AVG beside CoreInfer and dense.

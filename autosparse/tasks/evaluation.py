@@ -214,40 +214,10 @@ def _sample_score(metric: str, value: Any) -> float:
     return float("nan") if score is None else score
 
 
-def evaluate(
-    model: Any,
-    task: str,
-    method: Method,
-    *,
-    tokenizer: Any = None,
-    limit: int | None = None,
-    seed: int = DEFAULT_SEED,
-    num_fewshot: int | None = None,
-    batch_size: int = 1,
-    metric: str | None = None,
-    include_path: Any = None,
-    model_name: str | None = None,
-    progress: bool = True,
-    max_length: int | None = None,
-    max_gen_toks: int | None = None,
-) -> EvalResult:
-    """Evaluate ``model`` under ``method`` on ``task``; see :func:`run_task`."""
-    return run_task(
-        model,
-        task,
-        method,
-        tokenizer=tokenizer,
-        limit=limit,
-        seed=seed,
-        num_fewshot=num_fewshot,
-        batch_size=batch_size,
-        metric=metric,
-        include_path=include_path,
-        model_name=model_name,
-        progress=progress,
-        max_length=max_length,
-        max_gen_toks=max_gen_toks,
-    ).result
+def evaluate(model: Any, task: str, method: Method, **options: Any) -> EvalResult:
+    """Evaluate ``model`` under ``method`` on ``task``: :func:`run_task`'s result, with the
+    same keyword options (limit, seed, num_fewshot, batch_size, metric, ids, ...)."""
+    return run_task(model, task, method, **options).result
 
 
 def run_task(
