@@ -38,7 +38,9 @@ DEFAULT_STUDY = "smollm2-135m-csqa-local-g0.4"
 class TaskEvaluator:
     """Evaluates methods on documents of one task with one loaded model, through lm-eval.
     Every evaluation is cached in a ResultStore (the study's database by default), so a
-    resumed study or a second worker never recomputes a baseline."""
+    resumed study or a second worker never recomputes a baseline. After ``prepare(ids)``
+    (the tuning screen) documents among ``ids`` are answered from requests built once
+    (``PreparedTask``), each with the prompt it has in the whole screen."""
 
     def __init__(
         self,
@@ -68,6 +70,24 @@ class TaskEvaluator:
         self.metric = primary_metric(self.task, metric) or metric or "score"
         self._requested_metric = metric
         self._n_docs: int | None = None
+        self._prepared = None
+
+    def prepare(self, ids: Sequence[int]) -> None:
+        """Build the requests of documents ``ids`` once for every later ``run`` on them."""
+        from autosparse.tasks.prepared import PreparedTask
+
+        self._prepared = PreparedTask(
+            self.loaded.model,
+            self.task,
+            ids,
+            tokenizer=self.loaded.tokenizer,
+            seed=self.seed,
+            num_fewshot=self.num_fewshot,
+            batch_size=self.batch_size,
+            metric=self._requested_metric,
+            model_name=self.model_id,
+            max_gen_toks=self.max_gen_toks,
+        )
 
     def document_ids(self) -> list[int]:
         if self._n_docs is None:
@@ -77,8 +97,8 @@ class TaskEvaluator:
             self._n_docs = len(task_obj.eval_docs)
         return list(range(self._n_docs))
 
-    def _settings(self, ids: Sequence[int]) -> dict[str, Any]:
-        return {
+    def _settings(self, ids: Sequence[int], prompts_of: Sequence[int] | None) -> dict[str, Any]:
+        settings = {
             "ids": [int(i) for i in ids],
             "seed": self.seed,
             "num_fewshot": self.num_fewshot,
@@ -87,29 +107,40 @@ class TaskEvaluator:
             "max_gen_toks": self.max_gen_toks,
             "dtype": str(self.loaded.dtype).replace("torch.", ""),
         }
+        if prompts_of is not None and sorted(prompts_of) != sorted(int(i) for i in ids):
+            # with few-shot examples, a document's prompt depends on the documents it
+            # was built with: part of a prepared screen is not the same evaluation
+            settings["prompts_of"] = sorted(int(i) for i in prompts_of)
+        return settings
 
     def run(self, method: Method, ids: Sequence[int]) -> EvalResult:
         from autosparse.tasks.evaluation import run_task
 
-        settings = self._settings(ids)
+        prepared = self._prepared
+        if prepared is not None and not set(int(i) for i in ids) <= set(prepared.ids):
+            prepared = None
+        settings = self._settings(ids, prepared.ids if prepared is not None else None)
         if self.store is not None:
             hit = self.store.find(self.model_id, self.task, method, settings)
             if hit is not None:
                 return hit.result()
-        result = run_task(
-            self.loaded.model,
-            self.task,
-            method,
-            tokenizer=self.loaded.tokenizer,
-            ids=list(ids),
-            seed=self.seed,
-            num_fewshot=self.num_fewshot,
-            batch_size=self.batch_size,
-            metric=self._requested_metric,
-            model_name=self.model_id,
-            progress=self.progress,
-            max_gen_toks=self.max_gen_toks,
-        ).result
+        if prepared is not None:
+            result = prepared.run(method, ids, progress=self.progress).result
+        else:
+            result = run_task(
+                self.loaded.model,
+                self.task,
+                method,
+                tokenizer=self.loaded.tokenizer,
+                ids=list(ids),
+                seed=self.seed,
+                num_fewshot=self.num_fewshot,
+                batch_size=self.batch_size,
+                metric=self._requested_metric,
+                model_name=self.model_id,
+                progress=self.progress,
+                max_gen_toks=self.max_gen_toks,
+            ).result
         result.settings = settings
         if self.store is not None:
             self.store.save(result)

@@ -285,3 +285,94 @@ def test_opt_multiple_choice_runs_sparse(task_dir):
         return [r[0][0] for s in run_.raw["samples"]["fx-csqa"] for r in s["resps"]]
 
     assert lls(sparse) != pytest.approx(lls(dense), abs=1e-6)
+
+
+# -- prepared requests (the tuning screen's path) ------------------------------------
+
+
+@pytest.mark.parametrize(
+    "task, options",
+    [
+        ("fx-triviaqa", {}),
+        ("fx-wmt16", {}),  # corpus-level bleu aggregation
+        ("fx-csqa", {"batch_size": 4}),
+        ("fx-squadv2", {"num_fewshot": 0, "metric": "exact"}),
+    ],
+)
+def test_prepared_task_gives_what_run_task_gives(llama_pair, task_dir, task, options):
+    from autosparse.tasks.prepared import PreparedTask
+
+    options = {"num_fewshot": 1, **options}
+    ids = [0, 2, 3, 5]
+    prepared = PreparedTask(
+        llama_pair, task, ids, include_path=task_dir, max_length=MAX_LEN, **options
+    )
+    for method in (Method.dense(), CORE):
+        want = run(llama_pair, task, method, task_dir, ids=ids, **options)
+        got = prepared.run(method)
+        assert got.result.sample_ids == want.result.sample_ids == ids
+        assert got.result.metric == want.result.metric
+        assert got.result.score == pytest.approx(want.result.score)
+        assert got.result.metrics == pytest.approx(want.result.metrics)
+        assert got.result.sample_scores == pytest.approx(want.result.sample_scores)
+        assert got.result.density == want.result.density
+        assert got.sample_density == want.sample_density
+        assert got.result.settings == want.result.settings | {"limit": None}
+
+
+def test_prepared_subsets_keep_each_document_prompt_and_score(llama_pair, task_dir):
+    from autosparse.errors import TaskError
+    from autosparse.tasks.prepared import PreparedTask
+
+    ids = [0, 1, 2, 3, 4, 5]
+    prepared = PreparedTask(
+        llama_pair, "fx-csqa", ids, include_path=task_dir, max_length=MAX_LEN, num_fewshot=2
+    )
+    whole = prepared.run(CORE)
+    prompts = {s["doc_id"]: s["arguments"] for s in whole.raw["samples"]["fx-csqa"]}
+    for part in ([4, 1], [5]):
+        got = prepared.run(CORE, part)
+        assert got.result.sample_ids == sorted(part)
+        by_id = dict(zip(whole.result.sample_ids, whole.result.sample_scores, strict=True))
+        assert got.result.sample_scores == [by_id[i] for i in sorted(part)]
+        for s in got.raw["samples"]["fx-csqa"]:
+            assert s["arguments"] == prompts[s["doc_id"]]
+    # simple_evaluate on a subset draws the few-shot examples differently
+    alone = run(llama_pair, "fx-csqa", CORE, task_dir, ids=[4, 5], num_fewshot=2)
+    alone_prompts = {s["doc_id"]: s["arguments"] for s in alone.raw["samples"]["fx-csqa"]}
+    assert any(alone_prompts[i] != prompts[i] for i in (4, 5))
+    # answering again gives the same result (responses are reset between runs)
+    assert prepared.run(CORE).result.sample_scores == whole.result.sample_scores
+    with pytest.raises(TaskError, match="not prepared"):
+        prepared.run(CORE, [0, 7])
+
+
+def test_task_evaluator_answers_screen_slices_with_the_screen_prompts(llama_pair, tmp_path):
+    from types import SimpleNamespace
+
+    from autosparse.store import ResultStore
+    from autosparse.workflow import TaskEvaluator
+
+    model, tok = llama_pair
+    loaded = SimpleNamespace(model=model, tokenizer=tok, dtype=model.dtype)
+    store = ResultStore(f"sqlite:///{tmp_path / 'r.db'}")
+    evaluator = TaskEvaluator(
+        loaded,
+        "csqa-local",
+        model_id="tiny",
+        num_fewshot=2,
+        batch_size=4,
+        store=store,
+        progress=False,
+    )
+    screen = [3, 10, 17, 40, 41, 52]
+    evaluator.prepare(screen)
+    whole = evaluator.run(CORE, screen)
+    part = evaluator.run(CORE, [41, 10])
+    assert part.sample_ids == [10, 41]
+    assert part.sample_scores == [whole.sample_scores[1], whole.sample_scores[4]]
+    assert part.settings["prompts_of"] == screen and "prompts_of" not in whole.settings
+    # outside the prepared screen: lm-eval's own path, cached under its own settings
+    other = evaluator.run(CORE, [3, 99])
+    assert other.sample_ids == [3, 99] and "prompts_of" not in other.settings
+    assert store.find("tiny", "csqa-local", CORE, part.settings) is not None

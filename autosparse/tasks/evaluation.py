@@ -298,6 +298,41 @@ def run_task(
             )
     seconds = time.perf_counter() - started
 
+    return collect_run(
+        out,
+        task_name,
+        lm,
+        ids,
+        metric=metric,
+        model_name=model_name or default_name,
+        method=method,
+        seconds=seconds,
+        settings=eval_settings(
+            limit=limit,
+            seed=seed,
+            num_fewshot=num_fewshot,
+            batch_size=batch_size,
+            metric=requested,
+            dtype=str(getattr(model, "dtype", "")).replace("torch.", "") or None,
+            max_gen_toks=max_gen_toks,
+        ),
+    )
+
+
+def collect_run(
+    out: dict[str, Any],
+    task_name: str,
+    lm: Any,
+    ids: list[int],
+    *,
+    metric: str | None,
+    model_name: str,
+    method: Method,
+    seconds: float,
+    settings: dict[str, Any],
+) -> TaskRun:
+    """A TaskRun from lm-eval's output (``results`` and logged ``samples``) of one task
+    run through ``lm`` (a SparseLM, for the densities) on documents ``ids``."""
     task_results = out["results"][task_name]
     metric, key = _pick_metric(task_results, metric)
     filt = key.split(",", 1)[1]
@@ -314,28 +349,19 @@ def run_task(
         raise TaskError(
             f"lm-eval scored {len(by_doc)} documents of {task_name!r}, expected {len(ids)}"
         )
-    score = float(task_results[key])
     result = EvalResult(
-        model=model_name or default_name,
+        model=model_name,
         task=task_name,
         method=method.to_dict(),
         metric=metric,
-        score=score,
+        score=float(task_results[key]),
         metrics=_metrics(task_results, key),
         sample_ids=ids,
         sample_scores=[by_doc[i][0] for i in ids],
         density=lm.realized_density(),
         layer_density=lm.layer_density(),
         seconds=seconds,
-        settings=eval_settings(
-            limit=limit,
-            seed=seed,
-            num_fewshot=num_fewshot,
-            batch_size=batch_size,
-            metric=requested,
-            dtype=str(getattr(model, "dtype", "")).replace("torch.", "") or None,
-            max_gen_toks=max_gen_toks,
-        ),
+        settings=settings,
         versions=versions(),
     )
     return TaskRun(result=result, sample_density=[by_doc[i][1] for i in ids], raw=dict(out))
