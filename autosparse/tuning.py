@@ -152,7 +152,8 @@ class Evaluator(Protocol):
         """Ids of every document of the evaluation split."""
 
     def run(self, method: Method, ids: Sequence[int]) -> EvalResult:
-        """Evaluate ``method`` on exactly the documents ``ids``; per-sample scores in order."""
+        """Evaluate ``method`` on exactly the documents ``ids``; per-sample scores in order.
+        An evaluator may also have ``prepare(ids)``, called once with the screen."""
 
 
 class LevelsSource(Protocol):
@@ -233,18 +234,26 @@ class Tuner:
     evaluator: Evaluator
     levels: LevelsSource
     method_defaults: dict[str, Any] = field(default_factory=dict)  # mode etc.
+    #: study attributes already read: each is written once and never changes, and
+    #: reading one from the storage is a database round trip
+    _fixed: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
+
+    def _study_attr(self, key: str) -> Any:
+        if key not in self._fixed:
+            self._fixed[key] = self.study.user_attrs[key]
+        return self._fixed[key]
 
     # -- set-up -------------------------------------------------------------------
     @property
     def screen_ids(self) -> list[int]:
-        return list(self.study.user_attrs["screen_ids"])
+        return list(self._study_attr("screen_ids"))
 
     @property
     def goal(self) -> float:
-        return float(self.study.user_attrs["goal"])
+        return float(self._study_attr("goal"))
 
     def baseline(self, label: str) -> Baseline:
-        return Baseline(**self.study.user_attrs[f"baseline:{label}"])
+        return Baseline(**self._study_attr(f"baseline:{label}"))
 
     def coreinfer_method(self) -> Method:
         return Method.coreinfer(
@@ -262,6 +271,9 @@ class Tuner:
         attrs = self.study.user_attrs
         if "screen_ids" not in attrs:
             self.study.set_user_attr("screen_ids", [int(i) for i in screen_ids])
+        prepare = getattr(self.evaluator, "prepare", None)
+        if prepare is not None:  # build the screen's requests once for every trial
+            prepare(self.screen_ids)
         for label, method in (("coreinfer", self.coreinfer_method()), ("dense", Method.dense())):
             if f"baseline:{label}" in self.study.user_attrs:
                 continue
@@ -350,9 +362,9 @@ class Tuner:
                 densities.append((result.density, len(chunk)))
             value = _mean(scores)
             trial.report(value, step)
-            self._record(trial, ids, scores, densities, model_seconds, t0)
             if size < len(screen) and self.spec.prune and trial.should_prune():
                 trial.set_user_attr("pruned_at", len(ids))
+                self._record(trial, ids, scores, densities, model_seconds, t0)
                 raise optuna.TrialPruned()
 
         base = self.baseline("coreinfer")

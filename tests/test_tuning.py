@@ -58,6 +58,9 @@ class FakeEvaluator:
     def document_ids(self):
         return list(range(self.n_docs))
 
+    def prepare(self, ids):
+        self.calls.append(("prepare", tuple(ids)))
+
     def run(self, method: Method, ids):
         self.calls.append((method.name, tuple(ids)))
         keep = method.mean_keep
@@ -103,10 +106,18 @@ def test_baselines_are_evaluated_once_on_the_screen(tmp_path):
     tuner = make_tuner(tmp_path)
     tuner.prepare(list(range(100, 116)))  # a second prepare re-uses what is stored
     tuner.run(trials=3)
-    baseline_calls = [c for c in tuner.evaluator.calls if c[0] != "levels"]
+    baseline_calls = [c for c in tuner.evaluator.calls if c[0] not in ("levels", "prepare")]
     assert [c[0] for c in baseline_calls] == ["coreinfer", "dense"]
     assert all(c[1] == tuple(range(100, 116)) for c in baseline_calls)
     assert tuner.baseline("coreinfer").density == pytest.approx(0.36)
+
+
+def test_the_screen_is_prepared_before_any_evaluation(tmp_path):
+    tuner = make_tuner(tmp_path)
+    tuner.run(trials=2)
+    calls = tuner.evaluator.calls
+    assert calls[0] == ("prepare", tuple(range(100, 116)))
+    assert all(c[0] != "prepare" for c in calls[1:])
 
 
 def test_constrained_trials_outside_the_tolerance_are_infeasible(tmp_path):

@@ -67,6 +67,9 @@ class SparseLM(HFLM):
         self._kept: list[torch.Tensor] = []
         self._pending_contexts: list[str] | None = None
         self._last_neurons = 1
+        #: (context, continuation) -> token ids: a prepared screen asks the same
+        #: requests in every trial, and tokenizing them is a per-request cost
+        self._encoded: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
 
     # -- the method -----------------------------------------------------------------
     @contextlib.contextmanager
@@ -151,6 +154,13 @@ class SparseLM(HFLM):
         return out
 
     # -- log-likelihood ---------------------------------------------------------------
+    def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        key = (context, continuation)
+        encoded = self._encoded.get(key)
+        if encoded is None:
+            encoded = self._encoded[key] = super()._encode_pair(context, continuation)
+        return encoded
+
     def loglikelihood(self, requests, disable_tqdm: bool = False):
         self._tick("loglikelihood", total=len(requests))
         return super().loglikelihood(
@@ -183,40 +193,58 @@ class SparseLM(HFLM):
         )
         size = override_bs or (self.batch_size if isinstance(self.batch_size, int) else 1)
         results: list[tuple[float, bool]] = []
+        max_length = self.max_length  # a property that resolves the config on every read
         for chunk in collator.get_batched(n=size):
-            rows, prompt_lengths = [], []
+            windows, prompt_lengths = [], []
             for _, context, continuation in chunk:
                 if not context or not continuation:
                     raise ConfigError("a log-likelihood request has an empty context or answer")
-                window = (context + continuation)[-(self.max_length + 1) :][:-1]
-                rows.append(torch.tensor(window, dtype=torch.long, device=self.device))
+                window = (context + continuation)[-(max_length + 1) :][:-1]
+                windows.append(window)
                 prompt_lengths.append(len(window) - len(continuation) + 1)
-            width = max(len(r) for r in rows)
+            width = max(len(w) for w in windows)
             # right-padded with token 0 like lm-eval; padding only follows a row's own
             # tokens, so under a causal mask it changes none of the scored positions
-            batch = torch.zeros(len(rows), width, dtype=torch.long, device=self.device)
-            for b, row in enumerate(rows):
-                batch[b, : len(row)] = row
+            batch = torch.tensor(
+                [w + [0] * (width - len(w)) for w in windows], dtype=torch.long, device=self.device
+            )
             with self._scoring(prompt_lengths):
                 logits = self._model_call(batch)  # (B, width, vocab)
             self._record([None if req is None else req[0] for req, _, _ in chunk])
-            logprobs = F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)
 
-            for (request, context, _), row_logprobs, row, row_cont in zip(
-                chunk, logprobs, rows, (c for _, _, c in chunk), strict=True
-            ):
-                n_cont = len(row_cont)
-                scored = row_logprobs[len(row) - n_cont : len(row)].unsqueeze(0)  # (1, C, V)
-                greedy = scored.argmax(dim=-1)  # (1, C)
-                for req, cont, lp in collator.get_cache(
-                    req_str=request, cxt_toks=context, cont_toks=row_cont, logits=scored
+            # Only the answer positions are scored: gather them from every row at once and
+            # normalize those alone (the vocabulary is large, the prompts are long).
+            rows_at, positions, answers = [], [], []
+            for b, (window, (_, _, continuation)) in enumerate(zip(windows, chunk, strict=True)):
+                rows_at += [b] * len(continuation)
+                positions += range(len(window) - len(continuation), len(window))
+                answers += continuation
+            scored = F.log_softmax(
+                logits[rows_at, positions], dim=-1, dtype=self.softmax_dtype
+            )  # (answer tokens, vocab)
+            target = torch.tensor(answers, dtype=torch.long, device=self.device)
+            token_logp = scored.gather(1, target[:, None])[:, 0].tolist()
+            greedy = scored.argmax(dim=-1).tolist()
+
+            start = 0
+            for request, context, continuation in chunk:
+                stop = start + len(continuation)
+                span = scored[start:stop].unsqueeze(0)  # (1, C, V)
+                for req, cont, _ in collator.get_cache(
+                    req_str=request, cxt_toks=context, cont_toks=continuation, logits=span
                 ):
-                    target = torch.tensor(cont, dtype=torch.long, device=self.device).unsqueeze(0)
-                    is_greedy = bool((greedy[:, -target.shape[1] :] == target).all())
-                    logp = torch.gather(lp[:, -target.shape[1] :], 2, target.unsqueeze(-1))
-                    answer = (float(logp.sum()), is_greedy)
+                    if list(cont) == list(continuation):
+                        logp = sum(token_logp[start:stop])
+                        is_greedy = greedy[start:stop] == list(cont)
+                    else:  # a one-token answer sharing this row with another request
+                        picked = torch.tensor(cont, dtype=torch.long, device=self.device)
+                        tail = scored[stop - len(cont) : stop]
+                        logp = float(tail.gather(1, picked[:, None]).sum())
+                        is_greedy = greedy[stop - len(cont) : stop] == list(cont)
+                    answer = (float(logp), bool(is_greedy))
                     results.append(answer)
                     if req is not None:
                         self.cache_hook.add_partial("loglikelihood", req, answer)
                     self._tick("loglikelihood", advance=1)
+                start = stop
         return collator.get_original(results)
