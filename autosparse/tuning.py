@@ -329,7 +329,8 @@ class Tuner:
         trial.set_user_attr("params", params)
         trial.set_user_attr("levels", levels)
         trial.set_user_attr("achieved_mean", achieved)
-        trial.set_user_attr("goal", self.goal)
+        # (the goal is the study's attribute; a trial without "feasible" met it: each
+        # attribute is a storage round trip, paid by every trial)
         if violation is not None:
             trial.set_constraint("goal", violation)
             trial.set_user_attr("feasible", violation <= 0)
@@ -337,8 +338,6 @@ class Tuner:
                 # The seed's grid discarded such settings before any model run; so do we.
                 trial.set_user_attr("skipped", "mean level outside the goal tolerance")
                 raise optuna.TrialPruned()
-        else:
-            trial.set_user_attr("feasible", True)
 
         method = Method.levels(
             levels,

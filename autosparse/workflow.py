@@ -97,7 +97,9 @@ class TaskEvaluator:
             self._n_docs = len(task_obj.eval_docs)
         return list(range(self._n_docs))
 
-    def _settings(self, ids: Sequence[int], prompts_of: Sequence[int] | None) -> dict[str, Any]:
+    def _settings(
+        self, ids: Sequence[int], prompts_of: Sequence[int] | None = None
+    ) -> dict[str, Any]:
         settings = {
             "ids": [int(i) for i in ids],
             "seed": self.seed,

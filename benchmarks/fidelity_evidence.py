@@ -154,6 +154,7 @@ def main() -> int:
     pool = [i for i in task_ev.document_ids() if i not in calib_ids]
     drawn = random.Random(args.seed).sample(pool, args.screen + args.heldout)
     screen, heldout = sorted(drawn[: args.screen]), sorted(drawn[args.screen :])
+    task_ev.prepare(screen)  # as a study does: the screen's requests are built once
 
     settings = level_settings(
         index, args.goal, args.n_solve, args.n_random, len(stats.layers), args.seed

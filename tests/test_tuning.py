@@ -195,8 +195,9 @@ def test_goal_from_baseline(tmp_path):
     tuner = make_tuner(tmp_path, goal=None, goal_from_baseline=0.9)
     assert tuner.goal == pytest.approx(0.9 * 0.36)
     tuner.run(trials=3)
-    for t in tuner.study.trials:
-        assert math.isclose(t.user_attrs["goal"], 0.324)
+    assert math.isclose(tuner.study.user_attrs["goal"], 0.324)
+    for t in tuner.study.trials:  # the solve strategy aims every trial at it
+        assert abs(t.user_attrs["achieved_mean"] - 0.324) <= 0.01
 
 
 WORKER = textwrap.dedent(
