@@ -38,6 +38,7 @@ import contextlib
 import hashlib
 import inspect
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -338,6 +339,7 @@ class FidelityEvaluator:
         store=None,
         progress: bool = True,
         prompts: Mapping[int, str] | None = None,
+        prompt_cache_gb: float = 4.0,
     ):
         if metric is not None and metric not in METRICS:
             raise ConfigError(f"unknown fidelity metric {metric!r}; choose fidelity or kl")
@@ -377,6 +379,13 @@ class FidelityEvaluator:
         self._layer_density: list[float] | None = None
         #: how many times the dense model generated (one call per batch of new references)
         self.generate_calls = 0
+        #: batches of prompts run once (engine.prompts), by their documents, least
+        #: recently used first; at most prompt_cache_gb of them (0: every trial runs
+        #: its prompts again, in one pass with the continuations)
+        self.prompt_cache_bytes = int(max(0.0, float(prompt_cache_gb)) * 2**30)
+        self._prompt_batches: OrderedDict[tuple[int, ...], Any] = OrderedDict()
+        #: how many batches of prompts were run (cache misses)
+        self.prompt_runs = 0
 
     # -- documents and prompts ---------------------------------------------------
     def _task(self):
@@ -635,25 +644,39 @@ class FidelityEvaluator:
     def _score(self, method: Method, refs: Sequence[Reference]) -> list[Scored]:
         import torch
 
+        cached = self.prompt_cache_bytes > 0
+        # batches of similar prompt lengths (little padding of the kept prompts), or of
+        # similar total lengths for the one-pass path
         order = sorted(
-            range(len(refs)), key=lambda j: -len(refs[j].prompt_ids) - len(refs[j].continuation)
+            range(len(refs)),
+            key=lambda j: (
+                -len(refs[j].prompt_ids) - (0 if cached else len(refs[j].continuation)),
+                refs[j].doc_id,
+            ),
         )
-        results: dict[int, Scored] = {}
+        chunks = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         pad = self.tokenizer.pad_token_id
         pad = 0 if pad is None else int(pad)
+        # the prompts run dense, before the method's patch is on
+        prompts = (
+            [self._prompts_of(method, [refs[j] for j in c], pad) for c in chunks] if cached else []
+        )
+        results: dict[int, Scored] = {}
         self._layer_density = None
         with method.apply(self.model) as engine, torch.no_grad():
-            for first in range(0, len(order), self.batch_size):
-                chunk = order[first : first + self.batch_size]
+            for n, chunk in enumerate(chunks):
                 batch_refs = [refs[j] for j in chunk]
                 seen = engine.kept_counts().shape[0] if engine is not None else 0
-                means, _, kls = score_batch(
-                    self.model,
-                    [(r.prompt_ids, r.continuation) for r in batch_refs],
-                    engine,
-                    references=batch_refs,
-                    pad_id=pad,
-                )
+                if cached:
+                    means, kls = _score_continuations(self.model, engine, prompts[n], batch_refs)
+                else:
+                    means, _, kls = score_batch(
+                        self.model,
+                        [(r.prompt_ids, r.continuation) for r in batch_refs],
+                        engine,
+                        references=batch_refs,
+                        pad_id=pad,
+                    )
                 dens = engine.sequence_density()[seen:].tolist() if engine is not None else None
                 for b, j in enumerate(chunk):
                     results[j] = Scored(
@@ -664,6 +687,53 @@ class FidelityEvaluator:
             if engine is not None:
                 self._layer_density = engine.layer_density()
         return [results[j] for j in range(len(refs))]
+
+    def _prompts_of(self, method: Method, refs: Sequence[Reference], pad: int):
+        """The batch of ``refs``' prompts run dense once (``engine.prompts``), from the
+        cache or run now."""
+        from autosparse.engine.prompts import run_prompts
+
+        key = (tuple(r.doc_id for r in refs), method.token_ratio, repr(method.layers))
+        batch = self._prompt_batches.get(key)
+        if batch is None:
+            batch = run_prompts(
+                self.model,
+                [r.prompt_ids for r in refs],
+                token_ratio=method.token_ratio,
+                layers=method.layers,
+                pad_id=pad,
+            )
+            self.prompt_runs += 1
+            self._prompt_batches[key] = batch
+            total = sum(b.nbytes for b in self._prompt_batches.values())
+            for old in list(self._prompt_batches)[:-1]:  # least recently used first
+                if total <= self.prompt_cache_bytes:
+                    break
+                total -= self._prompt_batches.pop(old).nbytes
+        self._prompt_batches.move_to_end(key)
+        return batch
+
+
+def _score_continuations(model, engine, prompts, refs: Sequence[Reference]):
+    """(mean log-likelihood, (C,) KL) per reference, continuing its prompt run once."""
+    import torch
+
+    from autosparse.engine.prompts import continue_prompts
+
+    device = prompts.first.device
+    rows = continue_prompts(model, prompts, [r.continuation for r in refs], engine)
+    means, kls = [], []
+    for lp, ref in zip(rows, refs, strict=True):
+        target = torch.tensor(list(ref.continuation), dtype=torch.long, device=device)
+        means.append(float(lp.gather(-1, target.unsqueeze(-1)).mean()))
+        kls.append(
+            topk_kl(
+                torch.as_tensor(ref.top_logprobs, device=device),
+                torch.as_tensor(ref.top_ids, device=device),
+                lp,
+            )
+        )
+    return means, kls
 
 
 def _mean(xs: Sequence[float]) -> float:

@@ -268,3 +268,27 @@ def test_random_levels_vectors_run():
     levels = [round(rng.uniform(0.1, 0.9), 2) for _ in range(2)]
     r = ev.run(Method.levels(levels), ev.document_ids()[:3])
     assert r.layer_density is not None and len(r.layer_density) == 2
+
+
+def test_prompts_run_once_per_batch_and_give_the_one_pass_scores():
+    model = sharp_llama()
+    cached, one_pass = make(model), make(model, prompt_cache_gb=0)
+    ids = cached.document_ids()[:8]
+    for method in (Method.coreinfer(0.3), Method.levels([0.2, 0.6]), Method.dense()):
+        a, b = cached.run(method, ids), one_pass.run(method, ids)
+        assert a.sample_scores == pytest.approx(b.sample_scores, abs=1e-4)
+        assert a.metrics["kl"] == pytest.approx(b.metrics["kl"], abs=1e-4)
+        assert a.density == b.density
+    assert cached.prompt_runs == 2  # 8 documents in batches of 4, for every method
+    assert one_pass.prompt_runs == 0
+    cached.run(Method.coreinfer(0.3, token_ratio=0.4), ids)  # other statistics
+    assert cached.prompt_runs == 4
+
+
+def test_the_prompt_cache_stays_under_its_budget():
+    ev = make(prompt_cache_gb=1e-9)  # room for nothing but the batch in use
+    ids = ev.document_ids()[:8]
+    ev.run(Method.coreinfer(0.3), ids)
+    assert len(ev._prompt_batches) == 1
+    ev.run(Method.coreinfer(0.5), ids)
+    assert ev.prompt_runs == 4

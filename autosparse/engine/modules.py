@@ -118,6 +118,8 @@ class SparseGatedMLP(nn.Module):
         if rt.mode == "masked":
             h = self._dense_acts(x) * sel.mask.unsqueeze(1).to(x.dtype)
             return m.down_proj(h)
+        if "gate_up" not in rt.sliced:  # selected without a prefill (engine.preselect)
+            self._gather()
         w = rt.sliced
         gu = _bmm_or_linear(x, w["gate_up"], w.get("gate_up_bias"))  # (B, T, 2K)
         g, u = gu.chunk(2, dim=-1)
@@ -163,6 +165,8 @@ class SparseOPTFc1(nn.Module):
         rt.decode_selection(ctx.batch)
         if rt.mode == "masked" or rt.dense:
             return self.inner(x)
+        if "fc1" not in rt.sliced:  # selected without a prefill (engine.preselect)
+            self._gather()
         w = rt.sliced
         a = _bmm_or_linear(x.view(ctx.batch, ctx.length, -1), w["fc1"], w.get("fc1_bias"))
         return a.reshape(ctx.batch * ctx.length, -1)  # (B*T, K)
@@ -202,6 +206,8 @@ class SparseOPTFc2(nn.Module):
         if rt.mode == "masked":
             h = h.view(ctx.batch, ctx.length, -1) * sel.mask.unsqueeze(1).to(h.dtype)
             return fc2(h.view(ctx.batch * ctx.length, -1))
+        if "fc2_t" not in rt.sliced:  # selected without a prefill (engine.preselect)
+            self._gather()
         y = _right_bmm(h.view(ctx.batch, ctx.length, -1), rt.sliced["fc2_t"])
         if fc2.bias is not None:
             y = y + fc2.bias

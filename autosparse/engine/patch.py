@@ -78,6 +78,8 @@ class SparseEngine:
         #: one (B, L) tensor of kept counts per prefill call
         self.records: list[torch.Tensor] = []
         self._prompt_lengths: torch.Tensor | None = None
+        #: inside ``collecting()``: slot -> (votes, mass) of the last prefill
+        self.collected: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
         self._undo: list = []
 
     # -- patching ---------------------------------------------------------------
@@ -119,6 +121,42 @@ class SparseEngine:
             yield
         finally:
             self._prompt_lengths = previous
+
+    # -- prompts computed once ----------------------------------------------------
+    @contextlib.contextmanager
+    def collecting(self) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Inside this block, each prefill also keeps every sparse layer's selection
+        statistics ``(votes, mass)`` (B, N) (``selection.vote_statistics``), even for
+        layers that run dense. The yielded list holds them, in sparse-layer order,
+        for the last prefill when the block ends."""
+        out: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.collected = {}
+        try:
+            yield out
+        finally:
+            collected, self.collected = self.collected, None
+            out.extend(collected[slot] for slot in sorted(collected))
+
+    def preselect(self, statistics: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Select core neurons from prompt statistics kept by ``collecting()`` (one
+        ``(votes, mass)`` per sparse layer, for a batch of B prompts), as a prefill of
+        those prompts would, and record the kept counts. The next forward calls, given
+        the prompts' KV cache, are then decode steps of that batch: a fixed prompt's
+        dense pass is computed once and reused under any keep ratios (same token ratio
+        and layers)."""
+        if len(statistics) != len(self.runtimes):
+            raise ConfigError(
+                f"statistics for {len(statistics)} layers, the engine has {len(self.runtimes)}"
+            )
+        self.context = None
+        kept = None
+        for rt, (votes, mass) in zip(self.runtimes, statistics, strict=True):
+            sel = rt.install(votes, mass)
+            if kept is None:
+                kept = torch.zeros(votes.shape[0], len(self.runtimes), dtype=torch.long)
+            kept[:, rt.slot] = sel.kept.cpu()
+        if kept is not None:
+            self.records.append(kept)
 
     # -- hooks ------------------------------------------------------------------
     def _pre_forward(self, module, args, kwargs):

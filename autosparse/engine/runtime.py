@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from autosparse.engine.selection import Selection, select_core_neurons
+from autosparse.engine.selection import Selection, rank_selection, vote_statistics
 from autosparse.errors import ConfigError
 
 
@@ -59,20 +59,35 @@ class LayerRuntime:
     def select(self, acts: torch.Tensor) -> Selection:
         """Select this batch's core neurons from prefill activations ``acts`` (B, T, N)."""
         ctx = self.context
-        n = acts.shape[-1]
+        collected = self.engine.collected
+        if self.dense and collected is None:
+            return self.install_dense(acts.shape[0], acts.shape[-1], acts.device)
+        votes, mass = vote_statistics(acts, ctx.prompt, self.engine.token_ratio)
+        if collected is not None:
+            collected[self.slot] = (votes, mass)
+        return self.install(votes, mass)
+
+    def install(self, votes: torch.Tensor, mass: torch.Tensor) -> Selection:
+        """Make the selection ranked from ``(votes, mass)`` (B, N) the current batch's."""
         if self.dense:
-            bsz = acts.shape[0]
-            order = torch.arange(n, device=acts.device).expand(bsz, n)
-            sel = Selection(
+            return self.install_dense(votes.shape[0], votes.shape[1], votes.device)
+        return self._set(rank_selection(votes, mass, self.keep))
+
+    def install_dense(self, bsz: int, n: int, device: torch.device) -> Selection:
+        order = torch.arange(n, device=device).expand(bsz, n)
+        return self._set(
+            Selection(
                 order=order,
-                kept=torch.full((bsz,), n, dtype=torch.long, device=acts.device),
-                mask=torch.ones(bsz, n, dtype=torch.bool, device=acts.device),
+                kept=torch.full((bsz,), n, dtype=torch.long, device=device),
+                mask=torch.ones(bsz, n, dtype=torch.bool, device=device),
             )
-        else:
-            sel = select_core_neurons(acts, ctx.prompt, self.keep, self.engine.token_ratio)
+        )
+
+    def _set(self, sel: Selection) -> Selection:
         self.selection = sel
         self.sliced = {}
-        if ctx.kept is not None:
+        ctx = self.engine.context
+        if ctx is not None and ctx.kept is not None:
             ctx.kept[:, self.slot] = sel.kept.to(ctx.kept.device)
         return sel
 

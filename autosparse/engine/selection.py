@@ -49,18 +49,15 @@ def token_quota(acts: torch.Tensor, valid: torch.Tensor, token_ratio: float) -> 
     return torch.where(tokens > 0, quota, torch.zeros_like(quota)).long()
 
 
-def select_core_neurons(
-    acts: torch.Tensor,
-    valid: torch.Tensor,
-    keep: torch.Tensor | float,
-    token_ratio: float,
-) -> Selection:
-    """Select each sequence's core neurons from its prompt activations.
+def vote_statistics(
+    acts: torch.Tensor, valid: torch.Tensor, token_ratio: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Steps 1-2 of the rule and the tie-break key: ``(votes, mass)``, both (B, N).
 
-    acts: (B, T, N) activations of one layer. valid: (B, T) bool, True for the prompt
-    tokens that count (padding and continuation tokens are False). keep: the layer's
-    keep ratio (a float, or a (B,) tensor). Vectorized over the batch.
-    """
+    votes (int32): how many counted prompt tokens have the neuron among their quota of
+    largest activations. mass (float32): the neuron's summed positive activation over
+    those tokens. Everything the ranking needs; a fixed prompt's statistics can be kept
+    and ranked again for any keep ratio (``rank_selection``)."""
     bsz, _, n = acts.shape
     device = acts.device
     quota = token_quota(acts, valid, token_ratio)  # (B,)
@@ -75,6 +72,16 @@ def select_core_neurons(
 
     # Tie-break key: summed positive activation over the counted tokens, in float32.
     mass = (acts.float().clamp(min=0) * valid.unsqueeze(-1)).sum(dim=1)  # (B, N)
+    return votes, mass
+
+
+def rank_selection(
+    votes: torch.Tensor, mass: torch.Tensor, keep: torch.Tensor | float
+) -> Selection:
+    """Steps 3-4: rank by (votes desc, mass desc, id asc) and keep the first
+    ``keep_count(keep, N)`` neurons that received votes. keep: a float or a (B,) tensor."""
+    bsz, n = votes.shape
+    device = votes.device
     # Two stable sorts give (votes desc, mass desc, id asc).
     by_mass = mass.argsort(dim=1, descending=True, stable=True)
     by_votes = votes.gather(1, by_mass).argsort(dim=1, descending=True, stable=True)
@@ -89,3 +96,19 @@ def select_core_neurons(
     in_rank = torch.arange(n, device=device).unsqueeze(0) < kept.unsqueeze(1)  # (B, N)
     mask = torch.zeros(bsz, n, dtype=torch.bool, device=device).scatter_(1, order, in_rank)
     return Selection(order=order, kept=kept, mask=mask)
+
+
+def select_core_neurons(
+    acts: torch.Tensor,
+    valid: torch.Tensor,
+    keep: torch.Tensor | float,
+    token_ratio: float,
+) -> Selection:
+    """Select each sequence's core neurons from its prompt activations.
+
+    acts: (B, T, N) activations of one layer. valid: (B, T) bool, True for the prompt
+    tokens that count (padding and continuation tokens are False). keep: the layer's
+    keep ratio (a float, or a (B,) tensor). Vectorized over the batch.
+    """
+    votes, mass = vote_statistics(acts, valid, token_ratio)
+    return rank_selection(votes, mass, keep)
