@@ -95,6 +95,14 @@ def main() -> int:
     ap.add_argument(
         "--replot", action="store_true", help="only redraw --plot from --out's evidence.json"
     )
+    ap.add_argument(
+        "--time-only",
+        type=int,
+        default=0,
+        metavar="N",
+        help="only time trials on the screen, without any cache of results: N settings at "
+        "the goal with fidelity (prompts kept, and run again per trial) and with the task",
+    )
     args = ap.parse_args()
     if args.replot:
         summary = json.loads((Path(args.out) / args.task / "evidence.json").read_text())
@@ -155,6 +163,8 @@ def main() -> int:
     drawn = random.Random(args.seed).sample(pool, args.screen + args.heldout)
     screen, heldout = sorted(drawn[: args.screen]), sorted(drawn[args.screen :])
     task_ev.prepare(screen)  # as a study does: the screen's requests are built once
+    if args.time_only:
+        return time_trials(args, loaded, index, stats, screen, common, fid_ev)
 
     settings = level_settings(
         index, args.goal, args.n_solve, args.n_random, len(stats.layers), args.seed
@@ -234,6 +244,65 @@ def main() -> int:
     if args.plot:
         plot(rows, summary, args.plot)
     store.close()
+    return 0
+
+
+def time_trials(args, loaded, index, stats, screen, common, stored_fid) -> int:
+    """Seconds per trial on the screen for the first N settings at the goal, every
+    evaluator fresh and without a result store (so nothing is served from a cache)."""
+    from autosparse.fidelity import FidelityEvaluator
+    from autosparse.methods import Method
+    from autosparse.workflow import TaskEvaluator
+
+    refs = stored_fid.references(screen)  # generated or read once, as in a study
+    settings = level_settings(
+        index, args.goal, args.n_solve, args.n_random, len(stats.layers), args.seed
+    )
+    methods = [
+        Method.levels(keep) if kind != "coreinfer" else Method.coreinfer(keep)
+        for _, kind, keep in settings
+    ][: args.time_only]
+    fid_opts = dict(
+        max_new_tokens=args.max_new_tokens,
+        min_new_tokens=args.min_new_tokens,
+        progress=False,
+        **common,
+    )
+    kept = FidelityEvaluator(loaded, args.task, **fid_opts)
+    kept._references = dict(refs)
+    again = FidelityEvaluator(loaded, args.task, prompt_cache_gb=0, **fid_opts)
+    again._references = dict(refs)
+    task_ev = TaskEvaluator(
+        loaded, args.task, max_gen_toks=args.max_gen_toks, progress=False, **common
+    )
+    task_ev.prepare(screen)
+    t0 = time.perf_counter()
+    kept.run(Method.coreinfer(args.goal), screen)  # runs the prompts: once per study
+    first = time.perf_counter() - t0
+    rows = []
+    for method in methods:
+        a = kept.run(method, screen)
+        b = again.run(method, screen)
+        c = task_ev.run(method, screen)
+        assert abs(a.score - b.score) < 1e-3, (a.score, b.score)
+        rows.append((a.seconds, b.seconds, c.seconds))
+        print(
+            f"{method.label():24s} "
+            f"fidelity {a.seconds:.2f}s (prompts again {b.seconds:.2f}s) task {c.seconds:.2f}s",
+            flush=True,
+        )
+    med = [_median([r[k] for r in rows]) for k in range(3)]
+    print(
+        f"\n{args.task}, screen {len(screen)} documents, {len(rows)} settings at keep {args.goal:g}, "
+        f"batch {args.batch_size}, references {_mean([len(r.continuation) for r in refs.values()]):.1f} "
+        f"tokens, prompts {_mean([len(r.prompt_ids) for r in refs.values()]):.0f} tokens"
+    )
+    print(
+        "| seconds per trial (median) | fidelity, prompts kept | fidelity, prompts run per trial | task |"
+    )
+    print("|---|---:|---:|---:|")
+    print(f"| {len(screen)} documents | {med[0]:.2f} | {med[1]:.2f} | {med[2]:.2f} |")
+    print(f"task / fidelity: {med[2] / med[0]:.1f}x; running the prompts once: {first:.2f} s")
     return 0
 
 
