@@ -12,6 +12,11 @@ A forward call whose KV cache is empty (or absent) is a prefill: every sparse
 layer runs dense on it and selects each sequence's core neurons from its prompt
 tokens. Calls with a non-empty cache are decode steps and run only the kept
 neurons. Leaving the ``with`` block restores the model exactly.
+
+A prompt's dense pass can also be kept and reused (``engine.prompts``): inside
+``engine.collecting()`` a prefill keeps each layer's selection statistics, and
+``engine.preselect(statistics)`` selects from kept statistics without a prefill, so
+that the next calls (given the prompts' KV cache) decode from there.
 """
 
 from __future__ import annotations
