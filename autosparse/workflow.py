@@ -76,18 +76,19 @@ class TaskEvaluator:
         """Build the requests of documents ``ids`` once for every later ``run`` on them."""
         from autosparse.tasks.prepared import PreparedTask
 
-        self._prepared = PreparedTask(
-            self.loaded.model,
-            self.task,
-            ids,
-            tokenizer=self.loaded.tokenizer,
-            seed=self.seed,
-            num_fewshot=self.num_fewshot,
-            batch_size=self.batch_size,
-            metric=self._requested_metric,
-            model_name=self.model_id,
-            max_gen_toks=self.max_gen_toks,
-        )
+        self._prepared = PreparedTask(self.loaded.model, self.task, ids, **self._options())
+
+    def _options(self) -> dict[str, Any]:
+        """The evaluation options of run_task and PreparedTask."""
+        return {
+            "tokenizer": self.loaded.tokenizer,
+            "seed": self.seed,
+            "num_fewshot": self.num_fewshot,
+            "batch_size": self.batch_size,
+            "metric": self._requested_metric,
+            "model_name": self.model_id,
+            "max_gen_toks": self.max_gen_toks,
+        }
 
     def document_ids(self) -> list[int]:
         if self._n_docs is None:
@@ -133,15 +134,9 @@ class TaskEvaluator:
                 self.loaded.model,
                 self.task,
                 method,
-                tokenizer=self.loaded.tokenizer,
                 ids=list(ids),
-                seed=self.seed,
-                num_fewshot=self.num_fewshot,
-                batch_size=self.batch_size,
-                metric=self._requested_metric,
-                model_name=self.model_id,
                 progress=self.progress,
-                max_gen_toks=self.max_gen_toks,
+                **self._options(),
             ).result
         result.settings = settings
         if self.store is not None:

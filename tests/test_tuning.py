@@ -212,6 +212,14 @@ WORKER = textwrap.dedent(
 )
 
 
+def test_sqlite_studies_use_the_write_ahead_log(tmp_path):
+    import sqlite3
+
+    make_tuner(tmp_path)
+    with sqlite3.connect(tmp_path / "study.db") as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
 def test_two_processes_share_one_sqlite_study(tmp_path):
     make_tuner(tmp_path)  # create the study and its baselines first
     code = WORKER.format(tests=str(__import__("pathlib").Path(__file__).parent), tmp=str(tmp_path))

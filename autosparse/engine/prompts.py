@@ -109,9 +109,8 @@ def run_prompts(
         with engine.collecting() as statistics:
             out = model(input_ids=ids, **kwargs)
     first = F.log_softmax(out.logits[:, -1].float(), dim=-1)
-    cache = getattr(out, "past_key_values", None)
-    if cache is None:
-        cache = getattr(out, "cache", None)
+    # the output's cache field is "cache" in recent transformers, "past_key_values" before
+    cache = out["cache"] if "cache" in out else getattr(out, "past_key_values", None)
     if cache is None or not hasattr(cache, "get_seq_length"):
         raise ConfigError(f"{type(model).__name__} returned no KV cache object for its prompts")
     return PromptBatch(
