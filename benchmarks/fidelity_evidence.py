@@ -480,11 +480,11 @@ def plot(rows, summary, path) -> None:
         ax.set_ylim(-1, len(at_goal))
         ax.set_xlabel(f"{label}: minus CoreInfer, paired 95% CI", fontsize=9)
         ax.set_title("settings at the goal, ordered by fidelity", fontsize=10)
+    # (no timings here: the run's wall times depend on what else ran; --time-only
+    # measures trial cost on its own)
     fig.suptitle(
-        f"SmolLM2-135M, {summary['task']}, keep {summary['goal']:g}: fidelity "
-        f"{summary['seconds_per_trial_fidelity']:.0f} s vs task "
-        f"{summary['seconds_per_trial_task']:.0f} s per {summary['screen']}-document trial "
-        "(shared 2-core CPU)",
+        f"SmolLM2-135M, {summary['task']}, keep {summary['goal']:g}: {len(at_goal)} settings against CoreInfer, "
+        f"{summary['screen']}-document screen, {summary['heldout']} held-out documents",
         fontsize=11,
     )
     fig.tight_layout()
