@@ -198,6 +198,7 @@ def run_tune(
     mode: str = "masked",
     batch_size: int = 8,
     max_gen_toks: int | None = None,
+    prompt_cache_gb: float = 4.0,
     reference_calibration: bool = False,
     enqueue_reference: bool = False,
     console=None,
@@ -260,12 +261,14 @@ def run_tune(
         optuna_storage = open_storage(url)
     study = create_or_resume(optuna_storage, name, spec)
     store = ResultStore(url)
+    extra: dict[str, Any] = {}
     if spec.objective == "task":
         evaluator_class, metric = TaskEvaluator, spec.metric
     else:
         from autosparse.fidelity import FidelityEvaluator
 
         evaluator_class, metric = FidelityEvaluator, spec.objective
+        extra["prompt_cache_gb"] = prompt_cache_gb
     evaluator = evaluator_class(
         loaded,
         spec.task,
@@ -277,6 +280,7 @@ def run_tune(
         seed=spec.seed,
         store=store,
         progress=console is not None,
+        **extra,
     )
     if "calibration_ids" not in study.user_attrs:
         study.set_user_attr("calibration_ids", calibration_ids)

@@ -9,8 +9,9 @@ COMMANDS = ["generate", "eval", "levels", "tune", "finalize", "studies", "show"]
 runner = CliRunner(env={"COLUMNS": "100"})
 print("# Command-line reference\n")
 print("Generated from `autosparse COMMAND --help`. Every command prints a one-line error and exits")
-print("with status 1 on bad input (a missing model, an unknown task, a value out of range,")
-print("an unreachable storage URL); Ctrl-C exits with 130 and keeps every finished trial.\n")
+print("with status 1 on bad input (a missing model, an unknown task, a goal outside (0, 1],")
+print("an unreachable storage URL) and 2 on a bad option (unknown, or a value out of its")
+print("range); Ctrl-C exits with 130 and keeps every finished trial.\n")
 print("```\n" + runner.invoke(main, ["--help"], prog_name="autosparse").output.rstrip() + "\n```\n")
 for name in COMMANDS:
     print(f"## autosparse {name}\n")

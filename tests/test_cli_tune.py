@@ -155,6 +155,22 @@ def test_bad_input_is_one_line_and_writes_nothing(model_dir, tmp_path, args, mes
     assert not (tmp_path / "studies").exists() or not list((tmp_path / "studies").glob("*.db"))
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["tune", "--batch-size", "0"], "'--batch-size': 0 is not in the range"),
+        (["tune", "--prompt-cache-gb", "-1"], "'--prompt-cache-gb'"),
+        (["tune", "--bogus"], "No such option '--bogus'"),
+        (["tunee"], "No such command 'tunee'"),
+    ],
+)
+def test_bad_options_are_one_line_usage_errors(tmp_path, args, message):
+    result = run(args, tmp_path)
+    assert result.exit_code == 2
+    assert message in result.output and "--help" in result.output
+    assert result.output.count("\n") == 1 and "Usage:" not in result.output
+
+
 def test_unknown_model_is_one_line(tmp_path):
     result = run([*TUNE, "--model", str(tmp_path / "missing")], tmp_path)
     assert result.exit_code == 1 and "Error:" in result.output and "Traceback" not in result.output
@@ -188,3 +204,20 @@ def test_fidelity_objective_stores_dense_references_once(model_dir, tmp_path):
     assert db.execute("select count(*) from autosparse_fidelity_references").fetchone()[0] == 6
     mixed = run([*TUNE, "--model", model_dir], tmp_path)  # same study name, task objective
     assert mixed.exit_code == 1 and "objective" in mixed.output
+
+
+def test_prompt_cache_size_reaches_the_fidelity_evaluator(model_dir, tmp_path, monkeypatch):
+    from autosparse import fidelity
+
+    seen = []
+    original = fidelity.FidelityEvaluator.__init__
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("prompt_cache_gb"))
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(fidelity.FidelityEvaluator, "__init__", spy)
+    args = [*TUNE, "--model", model_dir, "--objective", "fidelity", "--trials", "1"]
+    result = run([*args, "--prompt-cache-gb", "0"], tmp_path)
+    assert result.exit_code == 0, result.output
+    assert seen == [0.0]

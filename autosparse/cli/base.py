@@ -10,11 +10,16 @@ from autosparse.errors import AutosparseError
 
 
 class AutosparseGroup(click.Group):
-    """Turns AutosparseError (and Ctrl-C) into a one-line message and a non-zero exit."""
+    """Turns AutosparseError, bad options (click's usage errors) and Ctrl-C into a
+    one-line message and a non-zero exit (1, 2 and 130)."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except click.UsageError as exc:
+            where = exc.ctx.command_path if exc.ctx is not None else "autosparse"
+            click.echo(f"Error: {exc.format_message()} (see '{where} --help')", err=True)
+            sys.exit(exc.exit_code)
         except AutosparseError as exc:
             click.echo(f"Error: {exc}", err=True)
             sys.exit(1)

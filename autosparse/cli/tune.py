@@ -147,6 +147,14 @@ def study_options(f):
     "the dense next-token distributions. finalize always reports the task metric.",
 )
 @click.option(
+    "--prompt-cache-gb",
+    type=click.FloatRange(0),
+    default=4.0,
+    show_default=True,
+    help="With --objective fidelity/kl: memory (on the model's device) for the screen's "
+    "prompts run once per study; 0 runs them again in every trial.",
+)
+@click.option(
     "--batch-size",
     type=click.IntRange(1),
     default=8,
@@ -224,6 +232,7 @@ def tune_command(**opts):
         mode=o["mode"],
         batch_size=o["batch_size"],
         max_gen_toks=o["max_gen_toks"],
+        prompt_cache_gb=o["prompt_cache_gb"],
         reference_calibration=o["reference_calibration"],
         enqueue_reference=o["enqueue_reference"],
         console=console,
