@@ -34,7 +34,9 @@ def test_continuing_kept_prompts_equals_one_pass(make, mode):
             again = continue_prompts(model, done, CONTINUATIONS, engine)  # cache restored
             kept = engine.kept_counts()
         with SparseEngine(model, keep, mode=mode) as engine:
-            want = [one_pass(model, engine, p, c) for p, c in zip(PROMPTS, CONTINUATIONS)]
+            want = [
+                one_pass(model, engine, p, c) for p, c in zip(PROMPTS, CONTINUATIONS, strict=True)
+            ]
             want_kept = engine.kept_counts()
         for g, a, w, c in zip(got, again, want, CONTINUATIONS, strict=True):
             assert g.shape == (len(c), w.shape[-1])
