@@ -390,10 +390,10 @@ class FidelityEvaluator:
     # -- documents and prompts ---------------------------------------------------
     def _task(self):
         if self._task_obj is None:
-            from autosparse.tasks.evaluation import _quiet_lm_eval
+            from autosparse.tasks.evaluation import _lm_eval_errors_only
             from autosparse.tasks.registry import DEFAULT_FEWSHOT, load_task
 
-            with _quiet_lm_eval():
+            with _lm_eval_errors_only():
                 _, self._task_obj = load_task(self.task)
             fixed = self._task_obj.get_config("num_fewshot")
             if fixed == 0:

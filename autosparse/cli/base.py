@@ -61,6 +61,13 @@ def layers_option(f):
     )(f)
 
 
+def batch_size_option(default: int, help: str):
+    """--batch-size: a positive integer; what a batch is differs by command."""
+    return click.option(
+        "--batch-size", type=click.IntRange(1), default=default, show_default=True, help=help
+    )
+
+
 def mode_option(f):
     return click.option(
         "--mode",

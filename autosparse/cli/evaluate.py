@@ -6,7 +6,13 @@ import json
 
 import click
 
-from autosparse.cli.base import build_method, load, model_options, sparsity_options
+from autosparse.cli.base import (
+    batch_size_option,
+    build_method,
+    load,
+    model_options,
+    sparsity_options,
+)
 from autosparse.cli.base import console as make_console
 
 
@@ -27,13 +33,7 @@ from autosparse.cli.base import console as make_console
     help="Score a seeded random sample of N documents (the same for every method). Default: all.",
 )
 @click.option("--seed", type=int, default=42, show_default=True, help="Sample and lm-eval seed.")
-@click.option(
-    "--batch-size",
-    type=click.IntRange(1),
-    default=1,
-    show_default=True,
-    help="Requests per model call (the reference used 1).",
-)
+@batch_size_option(1, "Requests per model call (the reference used 1).")
 @click.option(
     "--num-fewshot",
     type=click.IntRange(0),

@@ -7,7 +7,13 @@ from pathlib import Path
 
 import click
 
-from autosparse.cli.base import build_method, load, model_options, sparsity_options
+from autosparse.cli.base import (
+    batch_size_option,
+    build_method,
+    load,
+    model_options,
+    sparsity_options,
+)
 from autosparse.cli.base import console as make_console
 
 
@@ -27,13 +33,7 @@ from autosparse.cli.base import console as make_console
     show_default=True,
     help="Tokens to generate per prompt.",
 )
-@click.option(
-    "--batch-size",
-    type=click.IntRange(1),
-    default=8,
-    show_default=True,
-    help="Prompts per left-padded batch.",
-)
+@batch_size_option(8, "Prompts per left-padded batch.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
 def generate_command(
     model,

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
+from autosparse.cli.base import batch_size_option, layers_option, model_options
 from autosparse.cli.base import console as make_console
-from autosparse.cli.base import layers_option, model_options
 
 
 @click.command("levels")
@@ -99,13 +99,7 @@ from autosparse.cli.base import layers_option, model_options
     multiple=True,
     help="Folder (or YAML) with your own lm-eval task configs (repeatable).",
 )
-@click.option(
-    "--batch-size",
-    type=click.IntRange(1),
-    default=8,
-    show_default=True,
-    help="Calibration prompts per dense forward pass.",
-)
+@batch_size_option(8, "Calibration prompts per dense forward pass.")
 @click.option(
     "--max-tokens",
     type=click.IntRange(1),

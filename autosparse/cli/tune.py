@@ -6,8 +6,14 @@ import json
 
 import click
 
+from autosparse.cli.base import (
+    batch_size_option,
+    device_options,
+    layers_option,
+    mode_option,
+    model_options,
+)
 from autosparse.cli.base import console as make_console
-from autosparse.cli.base import device_options, layers_option, mode_option, model_options
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_TASK = "csqa-local"
@@ -154,13 +160,7 @@ def study_options(f):
     help="With --objective fidelity/kl: memory (on the model's device) for the screen's "
     "prompts run once per study; 0 runs them again in every trial.",
 )
-@click.option(
-    "--batch-size",
-    type=click.IntRange(1),
-    default=8,
-    show_default=True,
-    help="Requests per model call.",
-)
+@batch_size_option(8, "Requests per model call.")
 @click.option(
     "--max-gen-toks",
     type=click.IntRange(1),
@@ -268,13 +268,7 @@ def tune_command(**opts):
     help="Rank trials by screen mean or by the lower confidence bound of their gain over CoreInfer.",
 )
 @device_options
-@click.option(
-    "--batch-size",
-    type=click.IntRange(1),
-    default=8,
-    show_default=True,
-    help="Requests per model call.",
-)
+@batch_size_option(8, "Requests per model call.")
 @mode_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def finalize_command(**opts):

@@ -154,14 +154,12 @@ class SparseEngine:
                 f"statistics for {len(statistics)} layers, the engine has {len(self.runtimes)}"
             )
         self.context = None
-        kept = None
+        if not statistics:
+            return
+        kept = torch.zeros(statistics[0][0].shape[0], len(self.runtimes), dtype=torch.long)
         for rt, (votes, mass) in zip(self.runtimes, statistics, strict=True):
-            sel = rt.install(votes, mass)
-            if kept is None:
-                kept = torch.zeros(votes.shape[0], len(self.runtimes), dtype=torch.long)
-            kept[:, rt.slot] = sel.kept.cpu()
-        if kept is not None:
-            self.records.append(kept)
+            kept[:, rt.slot] = rt.install(votes, mass).kept.cpu()
+        self.records.append(kept)
 
     # -- hooks ------------------------------------------------------------------
     def _pre_forward(self, module, args, kwargs):

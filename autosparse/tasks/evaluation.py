@@ -129,14 +129,23 @@ def _no_progress(kind: str, advance: int = 0, total: int | None = None) -> None:
 
 
 @contextlib.contextmanager
-def _quiet_lm_eval() -> Iterator[None]:
+def _lm_eval_errors_only() -> Iterator[None]:
     """lm-eval logs a warning per task for routine things (custom datasets, few-shot
     overrides): keep errors only, for the duration."""
-    import lm_eval.evaluator as lm_evaluator
-
     logger = logging.getLogger("lm_eval")
     level = logger.level
     logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def _quiet_lm_eval() -> Iterator[None]:
+    """For simple_evaluate: errors only, and no git hash or environment report."""
+    import lm_eval.evaluator as lm_evaluator
+
     # lm-eval asks git for a commit hash (printing "fatal: not a git repository" outside
     # one) and collects torch's environment report (~0.3 s) on every call; autosparse
     # records its own versions, so skip both.
@@ -144,9 +153,9 @@ def _quiet_lm_eval() -> Iterator[None]:
     lm_evaluator.get_git_commit_hash = lambda: None
     lm_evaluator.add_env_info = lambda storage: None
     try:
-        yield
+        with _lm_eval_errors_only():
+            yield
     finally:
-        logger.setLevel(level)
         lm_evaluator.get_git_commit_hash, lm_evaluator.add_env_info = saved
 
 

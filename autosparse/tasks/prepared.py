@@ -30,8 +30,8 @@ from autosparse.methods import Method
 from autosparse.tasks.evaluation import (
     TaskRun,
     _check_metric,
+    _lm_eval_errors_only,
     _no_progress,
-    _quiet_lm_eval,
     _rich_progress,
     _unpack,
     collect_run,
@@ -78,7 +78,7 @@ class PreparedTask:
             metric=self._requested_metric,
             max_gen_toks=max_gen_toks,
         )
-        with _quiet_lm_eval():
+        with _lm_eval_errors_only():
             self.task_name, task_obj = load_task(name, include_path)
             n_docs = len(task_obj.eval_docs)
             self.ids = sorted({int(i) for i in ids})
@@ -142,7 +142,7 @@ class PreparedTask:
         seconds = time.perf_counter() - started
 
         task = self.task
-        with _quiet_lm_eval():
+        with _lm_eval_errors_only():
             saved = task._instances
             task._instances = instances
             try:
