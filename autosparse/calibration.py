@@ -12,7 +12,9 @@ padding excluded:
 computes exactly what it computes without us). ``CalibrationStats`` saves and loads
 them as safetensors with JSON metadata; ``load_or_collect`` keeps them in a directory
 keyed by model, data source, sample ids, texts and layers, so a second or resumed
-study reads them back instead of running the model.
+study reads them back instead of running the model. ``choose_calibration`` picks the
+prompts (from a task or a file) and ``calibration_stats`` gets their statistics: every
+command goes through these two, so ``tune`` and ``levels`` share statistics.
 """
 
 from __future__ import annotations
@@ -522,3 +524,163 @@ def load_or_collect(
     )
     store(directory, key, stats)
     return stats, False
+
+
+# --------------------------------------------------------------------------- the prompts
+
+
+@dataclass(frozen=True)
+class CalibrationChoice:
+    """How calibration prompts are chosen; ``choose_calibration`` turns it into prompts.
+
+    From ``file``: its first ``n`` non-empty lines. From ``task``: by default ``n``
+    documents of the evaluation split drawn at random with ``seed``, apart from the
+    ``exclude_limit``-document evaluation sample that ``seed`` ``exclude_seed`` gives
+    (0: exclude nothing); with ``reference``, the reference's choice: the first ``n``
+    documents with their gold answers, which overlap any evaluation.
+    """
+
+    task: str | None = None
+    n: int = 100
+    seed: int = 0
+    reference: bool = False
+    exclude_limit: int = 0
+    exclude_seed: int = 42
+    file: str | os.PathLike | None = None
+    include_path: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class CalibrationPrompts:
+    """Chosen calibration prompts. ``samples``: (doc id, text) pairs sorted by id (line
+    numbers for a file); ``source``: the description of the choice, which is also the
+    cache key's source, so equal choices share statistics whichever command made them;
+    ``how``: the choice as JSON-able metadata (``selection`` is "file", "reference",
+    "random" or "disjoint")."""
+
+    samples: tuple[tuple[int, str], ...]
+    source: str
+    how: dict[str, Any]
+
+    @property
+    def ids(self) -> list[int]:
+        return [i for i, _ in self.samples]
+
+    @property
+    def exclude_from_evaluation(self) -> bool:
+        """Whether a study should keep these documents out of what it evaluates: true for
+        a random draw, false for the reference's choice (which overlaps evaluation by
+        design) and for a file (its ids are line numbers, not documents)."""
+        return self.how["selection"] in ("random", "disjoint")
+
+
+def choose_calibration(choice: CalibrationChoice) -> CalibrationPrompts:
+    """The calibration prompts ``choice`` describes (see CalibrationChoice)."""
+    if choice.n < 1:
+        raise ConfigError(f"need at least one calibration prompt, not {choice.n}")
+    if choice.file:
+        if choice.reference:
+            raise ConfigError("--reference-calibration draws from --task, not --calibration-file")
+        return _file_prompts(choice.file, choice.n)
+    if not choice.task:
+        raise ConfigError(
+            "give --task T (calibration from its documents) or --calibration-file FILE"
+        )
+    from autosparse.tasks.registry import canonical_name, load_task
+    from autosparse.tasks.sampling import calibration_texts, prompt_text, sample_ids
+
+    task = canonical_name(choice.task)
+    paths = list(choice.include_path) or None
+    if choice.reference:
+        _, task_obj = load_task(task, paths)
+        docs = task_obj.eval_docs
+        first = range(min(choice.n, len(docs)))
+        samples = [(i, prompt_text(task_obj, docs[i], True)) for i in first]
+        how = {
+            "task": choice.task,
+            "selection": "reference",
+            "with_answers": True,
+            "overlaps_evaluation": True,
+        }
+        source = f"{task}: first {len(samples)} documents + gold answers (reference)"
+        return CalibrationPrompts(tuple(samples), source, how)
+    excluded: list[int] = []
+    if choice.exclude_limit:
+        excluded = sample_ids(task, choice.exclude_limit, choice.exclude_seed, include_path=paths)
+    samples = calibration_texts(
+        task, choice.n, exclude_ids=excluded, seed=choice.seed, include_path=paths
+    )
+    source = f"{task}: {len(samples)} random documents (seed {choice.seed})"
+    if choice.exclude_limit:
+        source += (
+            f" apart from the {choice.exclude_limit}-document evaluation sample "
+            f"(seed {choice.exclude_seed})"
+        )
+    how = {
+        "task": choice.task,
+        "selection": "disjoint" if choice.exclude_limit else "random",
+        "with_answers": False,
+        "excluded_sample": (
+            {"limit": choice.exclude_limit, "seed": choice.exclude_seed}
+            if choice.exclude_limit
+            else None
+        ),
+        "calibration_seed": choice.seed,
+    }
+    return CalibrationPrompts(tuple(samples), source, how)
+
+
+def _file_prompts(file: str | os.PathLike, n: int) -> CalibrationPrompts:
+    path = Path(file).resolve()
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {file}: {exc}") from None
+    samples = [(i, line) for i, line in enumerate(lines) if line.strip()][:n]
+    if not samples:
+        raise ConfigError(f"{file} has no non-empty lines")
+    how = {"selection": "file", "with_answers": False}
+    return CalibrationPrompts(tuple(samples), f"file:{path}", how)
+
+
+def compute_dtype(dtype: str, device: str = "auto") -> str:
+    """The name ("float32", ...) of the dtype a model loaded with ``dtype`` on ``device``
+    computes in, resolved as ``load_model`` resolves it. Statistics are keyed by it, so
+    "auto" on a CPU and "float32" share them, and "auto" on a GPU does not."""
+    from autosparse.models import resolve_device, resolve_dtype
+
+    text = str(dtype).strip().lower().removeprefix("torch.")
+    where = resolve_device(device) if text == "auto" else "cpu"
+    return str(resolve_dtype(text, where)).removeprefix("torch.")
+
+
+def calibration_stats(
+    prompts: CalibrationPrompts,
+    *,
+    model_id: str,
+    load_model: Callable[[], tuple[Any, Any]],
+    dtype: str = "auto",
+    device: str = "auto",
+    directory: str | os.PathLike = DEFAULT_DIR,
+    batch_size: int = 8,
+    max_tokens: int | None = DEFAULT_MAX_TOKENS,
+    progress: bool = True,
+) -> tuple[CalibrationStats, bool]:
+    """Statistics of every decoder layer for ``prompts``, from the cache in ``directory``
+    or from a dense pass with the model ``load_model()`` returns (called only on a miss).
+    Returns (stats, reused). Every command calibrates through here, so the same prompts,
+    model, token cap and compute dtype always find the same statistics; select the
+    sparse layers with ``LevelsIndex.from_stats``."""
+    return load_or_collect(
+        directory,
+        model_id=model_id,
+        source=prompts.source,
+        samples=prompts.samples,
+        load_model=load_model,
+        layers=None,
+        batch_size=batch_size,
+        max_tokens=max_tokens,
+        dtype=compute_dtype(dtype, device),
+        meta=prompts.how,
+        progress=progress,
+    )

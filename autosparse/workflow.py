@@ -144,33 +144,6 @@ class TaskEvaluator:
         return result
 
 
-# ---------------------------------------------------------------- calibration
-
-
-def calibration_samples(
-    task: str, n: int, *, seed: int, reference: bool
-) -> tuple[list[tuple[int, str]], str, bool]:
-    """(doc id, prompt) pairs for calibration, a description of the source, and whether
-    they must be kept out of evaluation. By default a seeded random draw that the study
-    then excludes from its screen and from finalize; ``reference`` reproduces the seed's
-    choice (the first ``n`` documents with the gold answer appended, overlapping
-    evaluation)."""
-    from autosparse.tasks.registry import load_task
-    from autosparse.tasks.sampling import calibration_texts, prompt_text
-
-    if reference:
-        _, task_obj = load_task(task)
-        docs = task_obj.eval_docs
-        samples = [(i, prompt_text(task_obj, docs[i], True)) for i in range(min(n, len(docs)))]
-        return samples, f"{task}: first {len(samples)} documents + gold answers (reference)", False
-    samples = calibration_texts(task, n, seed=seed + 1)
-    return (
-        samples,
-        f"{task}: {len(samples)} random documents (seed {seed + 1}), excluded from evaluation",
-        True,
-    )
-
-
 # ---------------------------------------------------------------- tune
 
 
@@ -205,7 +178,7 @@ def run_tune(
 ) -> TuneOutcome:
     """Create or resume the study and run trials. Everything that can be checked without
     running a model (storage, task, the study's spec) is checked before anything is written."""
-    from autosparse.calibration import load_or_collect
+    from autosparse.calibration import CalibrationChoice, calibration_stats, choose_calibration
     from autosparse.levels import LevelsIndex
     from autosparse.store import ResultStore
     from autosparse.tasks.registry import canonical_name, load_task
@@ -232,24 +205,26 @@ def run_tune(
     adapter = adapter_for(loaded.model)
     layers = resolve_layers(spec.layers, adapter.num_layers(loaded.model))
 
-    samples, source, exclude = calibration_samples(
-        spec.task, spec.calibration, seed=spec.seed, reference=reference_calibration
+    prompts = choose_calibration(
+        CalibrationChoice(
+            task=spec.task, n=spec.calibration, seed=spec.seed + 1, reference=reference_calibration
+        )
     )
-    stats, reused = load_or_collect(
-        STUDIES_DIR / "calibration",
+    source = prompts.source
+    stats, reused = calibration_stats(
+        prompts,
         model_id=spec.model_id,
-        source=source,
-        samples=samples,
         load_model=lambda: (loaded.model, loaded.tokenizer),
-        layers=layers,
-        dtype=str(loaded.dtype).replace("torch.", ""),
+        dtype=str(loaded.dtype),
+        directory=STUDIES_DIR / "calibration",
         progress=console is not None,
     )
-    say(("reused" if reused else "computed") + f" calibration statistics ({source})")
-    index = LevelsIndex(stats.S, stats.c, stats.layers)
+    kept_out = "; excluded from evaluation" if prompts.exclude_from_evaluation else ""
+    say(("reused" if reused else "computed") + f" calibration statistics ({source}{kept_out})")
+    index = LevelsIndex.from_stats(stats, layers)
 
     all_ids = list(range(len(task_obj.eval_docs)))
-    calibration_ids = [i for i, _ in samples] if exclude else []
+    calibration_ids = prompts.ids if prompts.exclude_from_evaluation else []
     pool = [i for i in all_ids if i not in set(calibration_ids)]
     if spec.screen > len(pool):
         raise ConfigError(

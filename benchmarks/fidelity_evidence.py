@@ -113,14 +113,14 @@ def main() -> int:
 
     torch.set_num_threads(2)
     from autosparse.adapters import adapter_for
-    from autosparse.calibration import load_or_collect
+    from autosparse.calibration import CalibrationChoice, calibration_stats, choose_calibration
     from autosparse.engine.config import resolve_layers
     from autosparse.fidelity import FidelityEvaluator
     from autosparse.levels import LevelsIndex
     from autosparse.methods import Method
     from autosparse.models import load_model, model_identity
     from autosparse.store import ResultStore
-    from autosparse.workflow import TaskEvaluator, calibration_samples
+    from autosparse.workflow import TaskEvaluator
 
     out = Path(args.out) / args.task
     out.mkdir(parents=True, exist_ok=True)
@@ -129,20 +129,18 @@ def main() -> int:
     model_id = model_identity("smollm2-135m")
     layers = resolve_layers(None, adapter_for(loaded.model).num_layers(loaded.model))
 
-    samples, source, _ = calibration_samples(
-        args.task, args.calibration, seed=args.seed, reference=False
+    prompts = choose_calibration(
+        CalibrationChoice(task=args.task, n=args.calibration, seed=args.seed + 1)
     )
-    stats, _ = load_or_collect(
-        out / "calibration",
+    stats, _ = calibration_stats(
+        prompts,
         model_id=model_id,
-        source=source,
-        samples=samples,
         load_model=lambda: (loaded.model, loaded.tokenizer),
-        layers=layers,
         dtype="float32",
+        directory=out / "calibration",
         progress=False,
     )
-    index = LevelsIndex(stats.S, stats.c, stats.layers)
+    index = LevelsIndex.from_stats(stats, layers)
 
     store = ResultStore(f"sqlite:///{out / 'evidence.db'}")
     common = dict(model_id=model_id, num_fewshot=0, batch_size=args.batch_size, seed=args.seed)
@@ -158,7 +156,7 @@ def main() -> int:
         progress=False,
         **common,
     )
-    calib_ids = {i for i, _ in samples}
+    calib_ids = set(prompts.ids)
     pool = [i for i in task_ev.document_ids() if i not in calib_ids]
     drawn = random.Random(args.seed).sample(pool, args.screen + args.heldout)
     screen, heldout = sorted(drawn[: args.screen]), sorted(drawn[args.screen :])

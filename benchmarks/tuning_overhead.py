@@ -51,12 +51,12 @@ def tiny_model_dir(root: Path) -> str:
 def run_study(args, model_name: str, prune: bool, root: Path) -> dict:
     import random
 
-    from autosparse.calibration import load_or_collect
+    from autosparse.calibration import CalibrationChoice, calibration_stats, choose_calibration
     from autosparse.levels import LevelsIndex
     from autosparse.models import load_model, model_identity
     from autosparse.store import ResultStore
     from autosparse.tuning import StudySpec, Tuner, create_or_resume, open_storage
-    from autosparse.workflow import TaskEvaluator, calibration_samples
+    from autosparse.workflow import TaskEvaluator
 
     loaded = load_model(model_name, device="cpu")
     timer = ForwardTimer(loaded.model)
@@ -65,10 +65,12 @@ def run_study(args, model_name: str, prune: bool, root: Path) -> dict:
         screen=args.screen, seed=args.seed, calibration=args.calibration, num_fewshot=0,
         top_k_choices=(10, 25, 50, 100), prune=prune,
     )
-    samples, source, _ = calibration_samples(args.task, args.calibration, seed=args.seed, reference=False)
-    stats, _ = load_or_collect(
-        root / "calibration", model_id=spec.model_id, source=source, samples=samples,
-        load_model=lambda: (loaded.model, loaded.tokenizer), progress=False,
+    prompts = choose_calibration(
+        CalibrationChoice(task=args.task, n=args.calibration, seed=args.seed + 1)
+    )
+    stats, _ = calibration_stats(
+        prompts, model_id=spec.model_id, load_model=lambda: (loaded.model, loaded.tokenizer),
+        dtype=str(loaded.dtype), directory=root / "calibration", progress=False,
     )
     index = LevelsIndex.from_stats(stats)  # the default sparse layers, as the engine
     url = f"sqlite:///{root / ('prune' if prune else 'noprune')}.db"
@@ -76,7 +78,7 @@ def run_study(args, model_name: str, prune: bool, root: Path) -> dict:
     evaluator = TaskEvaluator(loaded, args.task, model_id=spec.model_id, num_fewshot=0,
                               batch_size=args.batch_size, seed=args.seed, progress=False,
                               store=ResultStore(url))
-    pool = [i for i in evaluator.document_ids() if i not in {i for i, _ in samples}]
+    pool = [i for i in evaluator.document_ids() if i not in set(prompts.ids)]
     tuner = Tuner(study, spec, evaluator, index)
     tuner.prepare(sorted(random.Random(args.seed).sample(pool, args.screen)))
 
