@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import click
 
@@ -158,89 +157,44 @@ def levels_command(
     prompts of the fraction of neurons with w_sum*s + w_count*n > threshold (see
     docs/levels.md). Give --threshold, or --goal to solve for the threshold.
     """
-    from autosparse.errors import ConfigError
-    from autosparse.levels import check_setting
+    from autosparse.calibration import CalibrationChoice
+    from autosparse.cli.base import load
+    from autosparse.levels_workflow import plot_levels, run_levels
 
-    if (threshold is None) == (goal is None):
-        raise ConfigError("give exactly one of --threshold X or --goal G")
-    if w_count is None:
-        w_count = round(1.0 - w_sum, 10)
-    check_setting(w_sum, w_count, 0.0 if threshold is None else threshold, top_k)
-    if goal is not None and not (0.0 < goal <= 1.0):
-        raise ConfigError(f"--goal {goal} is not a mean keep ratio in (0, 1]")
-
-    source, samples, how = _calibration_samples(
-        task,
-        n_calibration,
-        calibration_file,
-        calibration_seed,
-        exclude_limit,
-        seed,
-        reference_calibration,
-        include_path,
+    choice = CalibrationChoice(
+        task=task,
+        n=n_calibration,
+        seed=calibration_seed,
+        reference=reference_calibration,
+        exclude_limit=exclude_limit,
+        exclude_seed=seed,
+        file=calibration_file,
+        include_path=tuple(include_path),
     )
-
-    from autosparse.calibration import load_or_collect
-    from autosparse.levels import LevelsIndex
-    from autosparse.models import model_identity
-
-    model_id = model_identity(model)
-
-    def load_model():
-        from autosparse.cli.base import load
-
-        loaded = load(model, device, dtype)
-        return loaded.model, loaded.tokenizer
-
-    stats, reused = load_or_collect(
-        cache_dir,
-        model_id=model_id,
-        source=source,
-        samples=samples,
-        load_model=load_model,
+    outcome = run_levels(
+        model,
+        choice,
+        threshold=threshold,
+        goal=goal,
+        w_sum=w_sum,
+        w_count=w_count,
+        top_k=top_k,
+        layers=layers,
+        device=device,
+        dtype=dtype,
         batch_size=batch_size,
         max_tokens=max_tokens,
-        dtype=dtype,
-        meta=how,
+        cache_dir=cache_dir,
+        loader=load,
     )
-    index = LevelsIndex.from_stats(stats, layers)
-    if goal is not None:
-        result = index.solve_goal(goal, w_sum, w_count, top_k)
-    else:
-        result = index.evaluate(w_sum, w_count, threshold, top_k)
-
-    calibration = {
-        "source": source,
-        **how,
-        "prompts": stats.num_prompts,
-        "sample_ids": list(stats.sample_ids),
-        "reused": reused,
-    }
-    doc = {
-        "model": model_id,
-        "layers": result.layer_range,
-        "levels": list(result.levels),
-        "mean": result.mean,
-        "goal": result.goal,
-        "params": result.params,
-        "calibration": calibration,
-    }
     if as_json:
-        click.echo(json.dumps(doc, indent=2))
+        click.echo(json.dumps(outcome.to_json(), indent=2))
     else:
-        _render(result, calibration, model_id)
+        _render(outcome)
     if plot:
-        _plot(plot, result, model_id)
+        plot_levels(plot, outcome)
     if output:
-        zero = [layer for layer, x in zip(result.layers, result.levels, strict=True) if x <= 0]
-        if zero:
-            raise ConfigError(
-                f"layer(s) {', '.join(map(str, zero))} get level 0.00 (no neuron kept), which "
-                "the engine cannot run; lower --threshold, raise --goal, or change --layers"
-            )
-        from autosparse.levels import write_levels_file
-
-        write_levels_file(output, result, model=model_id, extra={"calibration": calibration})
+        outcome.write(output)
         if not as_json:
             click.echo(f"wrote {output}")
 
@@ -248,75 +202,10 @@ def levels_command(
 COMMANDS = [levels_command]
 
 
-def _calibration_samples(
-    task,
-    n,
-    calibration_file,
-    calibration_seed,
-    exclude_limit,
-    seed,
-    reference,
-    include_path,
-) -> tuple[str, list[tuple[int, str]], dict]:
-    """(source key, [(id, text)], how they were chosen) for the cache and the metadata."""
-    from autosparse.errors import ConfigError
-
-    if calibration_file:
-        if reference:
-            raise ConfigError("--reference-calibration draws from --task, not --calibration-file")
-        path = Path(calibration_file).resolve()
-        try:
-            lines = path.read_text().splitlines()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"cannot read {calibration_file}: {exc}") from None
-        samples = [(i, line) for i, line in enumerate(lines) if line.strip()][:n]
-        if not samples:
-            raise ConfigError(f"{calibration_file} has no non-empty lines")
-        return f"file:{path}", samples, {"selection": "file", "with_answers": False}
-    if not task:
-        raise ConfigError(
-            "give --task T (calibration from its documents) or --calibration-file FILE"
-        )
-    import autosparse.tasks as tasks
-
-    if not hasattr(tasks, "calibration_texts"):
-        raise ConfigError(
-            "this autosparse cannot draw calibration prompts from tasks; use --calibration-file"
-        )
-    paths = list(include_path) or None
-    if reference:
-        everything = tasks.sample_ids(task, None, include_path=paths)
-        samples = tasks.calibration_texts(
-            task, n, exclude_ids=everything[n:], with_answers=True, include_path=paths
-        )
-        how = {
-            "task": task,
-            "selection": "reference",
-            "with_answers": True,
-            "overlaps_evaluation": True,
-        }
-        return f"task:{task}:reference:first{n}", list(samples), how
-    excluded: list[int] = []
-    if exclude_limit:
-        excluded = tasks.sample_ids(task, exclude_limit, seed, include_path=paths)
-    samples = tasks.calibration_texts(
-        task, n, exclude_ids=excluded, seed=calibration_seed, include_path=paths
-    )
-    how = {
-        "task": task,
-        "selection": "disjoint" if exclude_limit else "random",
-        "with_answers": False,
-        "excluded_sample": {"limit": exclude_limit, "seed": seed} if exclude_limit else None,
-        "calibration_seed": calibration_seed,
-    }
-    source = f"task:{task}:seed{calibration_seed}:exclude{exclude_limit}/{seed}"
-    return source, list(samples), how
-
-
-def _render(result, calibration: dict, model_id: str) -> None:
-
+def _render(outcome) -> None:
     from autosparse.report import levels_table
 
+    result, calibration, model_id = outcome.result, outcome.calibration, outcome.model_id
     console = make_console()
     where = calibration.get("task") or calibration["source"].removeprefix("file:")
     title = f"levels (kept fraction per layer, CoreInfer 'sparsity') · {model_id}"
@@ -332,27 +221,3 @@ def _render(result, calibration: dict, model_id: str) -> None:
         f"({calibration['selection']}), statistics {reuse}",
         style="dim",
     )
-
-
-def _plot(path: str, result, model_id: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    fig, ax = plt.subplots(figsize=(8, 4))
-    try:
-        ax.plot(result.layers, result.levels, marker="o")
-        ax.axhline(result.mean, linestyle="--", color="gray", label=f"mean {result.mean:.3f}")
-        ax.set_xlabel("layer")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel("kept fraction (CoreInfer 'sparsity')")
-        ax.set_ylim(0, 1.05)
-        params = ", ".join(f"{k}={v:g}" for k, v in result.params.items())
-        ax.set_title(f"{model_id}\n{params}", fontsize=9)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-    finally:
-        plt.close(fig)
