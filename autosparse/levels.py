@@ -21,10 +21,13 @@ Definitions where the formula is silent, relied on by callers and tests:
   neuron that was ever positive counts; ``w_sum = 0`` drops the term.
 - **All counts 0** (the layer never fired on the prompt): ``n_i = 0``. Then S is 0 too,
   every score is 0, and the level is 1.0 for a negative threshold, else 0.0.
-- **Rounding.** The per-prompt level is exactly Python's ``round(count / N, 2)``
-  (e.g. 1024 / 8192 = 0.125 -> 0.12). The layer mean is taken exactly, over those
-  levels as integer hundredths, and rounded half to even: 0.15 and 0.16 average to
-  0.16, where float arithmetic (``round((0.15 + 0.16) / 2, 2)``) would say 0.15.
+- **Rounding, as the reference computes it.** The per-prompt level is exactly Python's
+  ``round(count / N, 2)`` (e.g. 1024 / 8192 = 0.125 -> 0.12). The layer level is the
+  reference's ``round(sum(levels) / P, 2)`` on those float levels: a float64 sum from
+  the first prompt to the last (Python 3.11's ``sum``, which the reference ran),
+  divided by P, and Python's ``round``. A mean that is exactly half-way in decimal
+  goes whichever way its float lands: 0.15 and 0.16 average to 0.15, because
+  ``(0.15 + 0.16) / 2`` is stored just below 0.155.
 - **Arithmetic.** ``score_i > threshold`` is decided in float64 as
   ``S_i > S_(k) * (threshold - w_count * n_i) / w_sum``; the seed computed scores in
   float32, so a neuron whose score is within ~1e-7 of the threshold can count
@@ -115,13 +118,6 @@ def check_setting(w_sum: float, w_count: float, threshold: float, top_k: int) ->
 # --------------------------------------------------------------------------- rounding
 
 
-def round_half_even(num: np.ndarray | int, den: int) -> np.ndarray:
-    """``num / den`` rounded to the nearest integer, exact ties to even (integers in and out)."""
-    q, r = np.divmod(np.asarray(num, dtype=np.int64), den)
-    twice = 2 * r
-    return q + ((twice > den) | ((twice == den) & (q % 2 == 1)))
-
-
 def prompt_level_table(n: int) -> np.ndarray:
     """``table[k]`` = hundredths of Python's ``round(k / n, 2)`` for k = 0..n (int64).
 
@@ -131,9 +127,22 @@ def prompt_level_table(n: int) -> np.ndarray:
 
 
 def _layer_hundredths(prompt_hundredths: np.ndarray) -> np.ndarray:
-    """(P, L) per-prompt hundredths -> (L,) per-layer hundredths (exact mean, half-even)."""
+    """(P, L) per-prompt hundredths -> (L,) per-layer hundredths, computed as the reference
+    does: ``round(sum(levels) / P, 2)`` over the float levels, prompts in row order.
+
+    Float addition is not associative, so the order and the method of summation decide a
+    mean that is half-way in decimal; every step below is the reference's."""
     p = prompt_hundredths.shape[0]
-    return round_half_even(prompt_hundredths.sum(axis=0), p)
+    if p == 0:
+        raise ConfigError("no calibration prompts to average")
+    # j / 100 is correctly rounded, so these are exactly the floats round(k / N, 2) returned.
+    levels = prompt_hundredths / 100.0
+    # Python 3.11's sum() of floats adds left to right in float64; so does add.accumulate
+    # along the prompts (a reduction such as .sum() may add pairwise instead).
+    means = np.add.accumulate(levels, axis=0)[-1] / p
+    # Python's round(x, 2) rounds the float's exact binary value (numpy's np.round does
+    # not); only L values, so a Python loop costs microseconds.
+    return np.array([round(round(m, 2) * 100) for m in means.tolist()], dtype=np.int64)
 
 
 # --------------------------------------------------------------------------- direct

@@ -70,14 +70,29 @@ def plain_counts(S, c, w_sum, w_count, theta, top_k):
     return out
 
 
+def reference_layer_level(per_prompt):
+    """The reference's layer level, ``round(sum(levels) / len(levels), 2)``, as it ran on
+    Python 3.11: float64 additions from the first prompt to the last. A loop, because
+    Python 3.12's sum() of floats compensates rounding errors and would differ."""
+    total = 0
+    for x in per_prompt:
+        total = total + x
+    return round(total / len(per_prompt), 2)
+
+
+def exact_half_even_level(per_prompt):
+    """The decimal mean rounded half to even: what the reference does NOT do."""
+    mean = sum(Decimal(str(x)) for x in per_prompt) / len(per_prompt)
+    return float(mean.quantize(Decimal("0.01"), rounding=ROUND_HALF_EVEN))
+
+
 def plain_levels(S, c, w_sum, w_count, theta, top_k):
     n = S.shape[2]
     counts = plain_counts(S, c, w_sum, w_count, theta, top_k)
     levels = []
     for layer in range(S.shape[1]):
         per_prompt = [round(int(k) / n, 2) for k in counts[:, layer]]  # Python's round
-        mean = sum(Decimal(str(x)) for x in per_prompt) / len(per_prompt)
-        levels.append(float(mean.quantize(Decimal("0.01"), rounding=ROUND_HALF_EVEN)))
+        levels.append(reference_layer_level(per_prompt))
     return levels
 
 
@@ -266,19 +281,95 @@ def test_prompt_levels_round_like_python(n):
     assert [int(x) for x in table] == [round(round(k / n, 2) * 100) for k in range(n + 1)]
 
 
-def test_rounding_ties_go_to_even():
+def stats_with_counts(counts, n=100):
+    """S, c (P, L, n) whose count of neurons scoring above 0.5 with (w_sum 1, w_count 0,
+    top_k 1) is ``counts[p][l]`` (each >= 1): that many neurons with S = 1, the rest 0."""
+    counts = np.asarray(counts)
+    S = np.zeros((*counts.shape, n), dtype=np.float32)
+    S[np.arange(n) < counts[..., None]] = 1.0
+    return S, (S > 0).astype(np.int32)
+
+
+HALF_WAY = (1.0, 0.0, 0.5, 1)  # the setting stats_with_counts is built for
+
+
+def test_rounding_follows_python_floats():
     # one prompt, N = 8192: 1024 neurons kept is exactly 0.125 -> 0.12 (Python's round)
     S = np.zeros((1, 1, 8192), dtype=np.float32)
     c = np.zeros((1, 1, 8192), dtype=np.int32)
     S[0, 0, :1024] = 1.0
     c[0, 0, :1024] = 1
     assert LevelsIndex(S, c).evaluate(1.0, 0.0, 0.5, 1).levels == (0.12,)
-    # two prompts at 0.15 and 0.16: the exact mean 0.155 is a tie -> 0.16
-    S = np.zeros((2, 1, 100), dtype=np.float32)
-    c = np.zeros((2, 1, 100), dtype=np.int32)
-    S[0, 0, :15] = S[1, 0, :16] = 1.0
-    c[0, 0, :15] = c[1, 0, :16] = 1
-    assert LevelsIndex(S, c).evaluate(1.0, 0.0, 0.5, 1).levels == (0.16,)
+    # two prompts, mean exactly 0.155 and 0.065 in decimal: the float (0.15 + 0.16) / 2
+    # is stored below 0.155 and goes down, (0.06 + 0.07) / 2 above 0.065 and goes up
+    # (exact half-to-even rounding would give 0.16 and 0.06)
+    S, c = stats_with_counts([[15, 6], [16, 7]])
+    assert LevelsIndex(S, c).evaluate(*HALF_WAY).levels == (0.15, 0.07)
+    assert levels_direct(S, c, w_sum=1.0, w_count=0.0, threshold=0.5, top_k=1).tolist() == [
+        0.15,
+        0.07,
+    ]
+
+
+def half_way_counts(prompts, layers, seed):
+    """(prompts, layers) counts in 1..99 whose per-layer mean, in hundredths, ends in 5."""
+    rng = np.random.default_rng(seed)
+    columns = []
+    while len(columns) < layers:
+        base = int(rng.integers(8, 90))
+        column = rng.integers(base - 7, base + 8, size=prompts)
+        if (2 * int(column.sum())) % (2 * prompts) == prompts:
+            columns.append(column)
+    return np.stack(columns, axis=1)
+
+
+@pytest.mark.parametrize("prompts", [2, 4, 8, 24])
+def test_half_way_means_round_like_the_reference(prompts):
+    counts = half_way_counts(prompts, 60, seed=prompts)
+    S, c = stats_with_counts(counts)
+    per_prompt = [[round(int(k) / 100, 2) for k in counts[:, layer]] for layer in range(60)]
+    want = [reference_layer_level(levels) for levels in per_prompt]
+    # the cases cover both directions, and exact rounding would disagree on some
+    lower = [math.floor(sum(counts[:, layer]) / prompts) / 100 for layer in range(60)]
+    assert any(w == lo for w, lo in zip(want, lower, strict=True))
+    assert any(w > lo for w, lo in zip(want, lower, strict=True))
+    assert want != [exact_half_even_level(levels) for levels in per_prompt]
+
+    index = LevelsIndex(S, c)
+    assert list(index.evaluate(*HALF_WAY).levels) == want
+    w_sum, w_count, th, k = HALF_WAY
+    direct = levels_direct(S, c, w_sum=w_sum, w_count=w_count, threshold=th, top_k=k)
+    assert direct.tolist() == want
+
+
+def test_the_order_of_the_prompts_counts_like_in_the_reference():
+    # float addition is not associative: the same eight levels in another order can give
+    # another rounded mean, and autosparse adds them in the statistics' prompt order
+    counts = half_way_counts(8, 200, seed=3)
+    flipped = counts[::-1]
+    # Python floats, as the reference's round() returns (numpy's round differs)
+    levels = [[round(int(k) / 100, 2) for k in counts[:, j]] for j in range(200)]
+    want = [reference_layer_level(column) for column in levels]
+    want_flipped = [reference_layer_level(column[::-1]) for column in levels]
+    assert want != want_flipped
+    for order, expected in ((counts, want), (flipped, want_flipped)):
+        S, c = stats_with_counts(order)
+        assert list(LevelsIndex(S, c).evaluate(*HALF_WAY).levels) == expected
+
+
+def test_eight_prompts_of_synthetic_activations_match_the_reference():
+    rng = np.random.default_rng(21)
+    S, c = plain_stats(list(silu_like(rng, 8, 3, 6, 64)))
+    index = LevelsIndex(S, c)
+    half_way = 0
+    for w_sum, w_count, th, k in SETTINGS[::2]:
+        want = plain_levels(S, c, w_sum, w_count, th, k)
+        assert list(index.evaluate(w_sum, w_count, th, k).levels) == want, (w_sum, th, k)
+        direct = levels_direct(S, c, w_sum=w_sum, w_count=w_count, threshold=th, top_k=k)
+        assert direct.tolist() == want
+        sums = prompt_level_table(64)[index.counts(w_sum, w_count, th, k)].sum(axis=0)
+        half_way += int(((2 * sums) % 16 == 8).sum())  # mean in hundredths ends in 5
+    assert half_way > 0  # the data exercised half-way means
 
 
 # --------------------------------------------------------------------------- goal solving
