@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from autosparse.errors import ConfigError
 from autosparse.results import EvalResult
-from autosparse.stats import PairedDiff, mean_and_stderr, paired_difference
+from autosparse.stats import POWER, PairedDiff, mean_and_stderr, paired_difference
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -27,6 +27,8 @@ KEPT_HEADER = "kept (CoreInfer 'sparsity')"
 DENSITY_HEADER = "realized density"
 PARAMS_HEADER = "params [w_sum, w_count, threshold, top_k]"
 PARAM_NAMES = ("w_sum", "w_count", "threshold", "top_k")
+DETECTABLE_HEADER = f"detectable ({POWER:.0%} power)"
+NEEDED_HEADER = "docs to resolve"
 
 LEGEND = (
     f"**{KEPT_HEADER}**: planned mean fraction of FFN neurons kept per sparse layer; "
@@ -38,7 +40,13 @@ LEGEND = (
     "**Δ vs CoreInfer**: mean paired difference of per-sample scores on the same samples, "
     "with a bootstrap confidence interval; for corpus-level metrics such as BLEU the "
     "per-sample mean is not the reported score. **verdict**: better or worse when the "
-    "interval excludes 0, else unclear."
+    "interval excludes 0, else unclear. "
+    f"**{DETECTABLE_HEADER}**: the smallest true difference from CoreInfer this many paired "
+    f"documents would show (interval excluding 0) with probability {POWER:.0%}, from the spread "
+    "of the per-document differences (normal approximation; 'no spread' when every document "
+    f"differs by the same amount). **{NEEDED_HEADER}**: for an unclear row, roughly how many "
+    "paired documents in all would resolve the observed difference at that power, if it is "
+    "the true one (∞ for a zero difference). See docs/statistics.md."
 )
 
 
@@ -72,16 +80,26 @@ class ReportRow:
 
     @property
     def verdict(self) -> str:
-        """"baseline", "better", "worse", "unclear", or "" without a paired difference."""
+        """One of baseline, better, worse, unclear; "" without a paired difference."""
         if self.is_baseline:
             return "baseline"
-        if self.diff is None:
-            return ""
-        if self.diff.low > 0:
-            return "better"
-        if self.diff.high < 0:
-            return "worse"
-        return "unclear"
+        return verdict_of(self.diff)
+
+    @property
+    def detectable(self) -> float | None:
+        """The difference from CoreInfer detectable at 80% power (``PairedDiff.detectable``);
+        None for the baseline row, without a paired difference, or without spread."""
+        if self.is_baseline or self.diff is None:
+            return None
+        return self.diff.detectable()
+
+    @property
+    def docs_to_resolve(self) -> int | None:
+        """For an unclear row, the paired documents in all that would resolve the observed
+        difference at 80% power (``PairedDiff.needed``); None otherwise."""
+        if self.verdict != "unclear":
+            return None
+        return self.diff.needed()
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -249,12 +267,87 @@ def _params_cell(row: ReportRow) -> str:
     return "—"
 
 
-def _diff_cell(row: ReportRow) -> str:
-    d = row.diff
-    if d is None or row.is_baseline:
+# Public cell helpers: every paired interval (report tables, the study's trial table, the
+# line printed per trial) is shown with its power figures by the same functions. They take a
+# PairedDiff or its stored dict (a trial's "vs_coreinfer" attribute), old or new.
+
+
+def as_diff(diff: PairedDiff | Mapping[str, Any] | None) -> PairedDiff | None:
+    """``diff`` as a PairedDiff: a stored dict is read with ``PairedDiff.from_dict`` (dicts
+    from before the power figures give ``sd=None``); None and empty dicts give None."""
+    if diff is None or isinstance(diff, PairedDiff):
+        return diff
+    return PairedDiff.from_dict(dict(diff)) if diff else None
+
+
+def verdict_of(diff: PairedDiff | Mapping[str, Any] | None) -> str:
+    """better or worse when the interval excludes 0, else unclear; "" without one."""
+    d = as_diff(diff)
+    if d is None:
+        return ""
+    if d.low > 0:
+        return "better"
+    if d.high < 0:
+        return "worse"
+    return "unclear"
+
+
+def _diff_decimals(d: PairedDiff) -> int:
+    return _decimals(d.mean, d.low, d.high)
+
+
+def interval_cell(diff: PairedDiff | Mapping[str, Any] | None) -> str:
+    """``+0.030 [-0.012, +0.071]``: the mean difference and its interval, or "—"."""
+    d = as_diff(diff)
+    if d is None:
         return "—"
-    k = _decimals(d.mean, d.low, d.high)
+    k = _diff_decimals(d)
     return f"{d.mean:+.{k}f} [{d.low:+.{k}f}, {d.high:+.{k}f}]"
+
+
+def detectable_cell(diff: PairedDiff | Mapping[str, Any] | None) -> str:
+    """``±0.058``: the difference detectable at 80% power, with the interval's decimals.
+    "no spread" when every pair differs by the same amount (e.g. identical answers on every
+    document); "—" without a difference, with fewer than 2 pairs, or for a difference stored
+    before the spread was recorded."""
+    d = as_diff(diff)
+    if d is None or d.sd is None or d.n < 2:
+        return "—"
+    value = d.detectable()
+    if value is None:
+        return "no spread"
+    return f"±{value:.{_diff_decimals(d)}f}"
+
+
+def needed_cell(diff: PairedDiff | Mapping[str, Any] | None) -> str:
+    """For an unclear difference, the paired documents in all that would resolve the observed
+    mean at 80% power (``PairedDiff.needed``), "∞" when the observed mean is 0; "—" for a
+    resolved difference, without one, or when its spread is unknown."""
+    d = as_diff(diff)
+    if verdict_of(d) != "unclear" or d.sd is None or d.n < 2:
+        return "—"
+    if d.mean == 0.0:
+        return "∞"
+    needed = d.needed()
+    return "—" if needed is None else str(needed)
+
+
+def power_text(diff: PairedDiff | Mapping[str, Any] | None) -> str:
+    """The power figures as a phrase for a one-line summary, e.g. "detectable ±0.058, 420
+    docs to resolve" (the second part only when unclear), "same score on every sample" or
+    "same difference on every sample" without spread; "" when there are none."""
+    detectable = detectable_cell(diff)
+    if detectable == "—":
+        return ""
+    if detectable == "no spread":
+        same = "score" if as_diff(diff).mean == 0.0 else "difference"
+        return f"same {same} on every sample"
+    needed = needed_cell(diff)
+    return f"detectable {detectable}" + ("" if needed == "—" else f", {needed} docs to resolve")
+
+
+def _diff_cell(row: ReportRow) -> str:
+    return "—" if row.is_baseline else interval_cell(row.diff)
 
 
 def _headers(metric: str, level: float = 0.95) -> list[str]:
@@ -269,6 +362,9 @@ def _headers(metric: str, level: float = 0.95) -> list[str]:
         f"Δ vs CoreInfer [{level:.0%} CI]",
         "verdict",
         "n",
+        # beside n: what this many documents could detect, and how many would resolve
+        DETECTABLE_HEADER,
+        NEEDED_HEADER,
     ]
 
 
@@ -284,6 +380,8 @@ def _cells(row: ReportRow) -> list[str]:
         _diff_cell(row),
         row.verdict or "—",
         str(row.n) if row.n else "—",
+        "—" if row.is_baseline else detectable_cell(row.diff),
+        "—" if row.is_baseline else needed_cell(row.diff),
     ]
 
 
@@ -300,35 +398,49 @@ _RICH_BREAKS = {
     DENSITY_HEADER: "realized\ndensity",
     "% of CoreInfer": "% of\nCoreInfer",
     "% of dense": "% of\ndense",
+    DETECTABLE_HEADER: DETECTABLE_HEADER.replace(" ", "\n"),
+    "verdict": "verdict\n(" + NEEDED_HEADER.replace(" to ", " to\n") + ")",
 }
+# Columns that may wrap at spaces (the others hold numbers, never cut), with minimum widths.
+_TEXT_COLUMNS = {"setting": 9, PARAMS_HEADER: 9, "verdict": 8}
+_LEFT = {"setting", PARAMS_HEADER, "verdict"}
 _VERDICT_STYLE = {"better": "green", "worse": "red", "baseline": "dim"}
 
 
 def rows_table(rows: Sequence[ReportRow], title: str, metric: str) -> Table:
-    """A rich table of ``rows`` with the columns of the Markdown report."""
+    """A rich table of ``rows`` with the numbers of the Markdown report. To fit a 120-column
+    terminal, the detectable difference stands beside the interval and the documents to
+    resolve an unclear row go into its verdict cell ("unclear (374)")."""
     from rich import box
     from rich.table import Table
     from rich.text import Text
 
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAVY, pad_edge=False)
-    for i, h in enumerate(_headers(metric, _level_of(rows))):
+    headers = _headers(metric, _level_of(rows))
+    order = [h for h in headers if h not in (DETECTABLE_HEADER, NEEDED_HEADER)]
+    order.insert(order.index("verdict"), DETECTABLE_HEADER)
+    for h in order:
         # Headers break at chosen places. On a narrow terminal the text columns wrap at
-        # spaces while numbers are never cut.
+        # spaces while numbers are never cut; the interval wraps after its mean.
         header = Text(_RICH_BREAKS.get(h, h.replace("CoreInfer [", "CoreInfer\n[")))
-        text_column = i in (0, 1, 7, 8)
-        justify = "left" if i < 2 or h == "verdict" else "right"
+        interval = h.startswith("Δ vs CoreInfer")
         table.add_column(
             header,
-            justify=justify,
-            no_wrap=not text_column,
-            min_width={0: 9, 1: 9, 7: 8, 8: 8}.get(i),
+            justify="left" if h in _LEFT else "right",
+            no_wrap=not (h in _TEXT_COLUMNS or interval),
+            min_width=8 if interval else _TEXT_COLUMNS.get(h),
             overflow="fold",
         )
+    verdict_at = order.index("verdict")
     for row in rows:
-        cells = [Text(c) for c in _cells(row)]  # Text: "[0.4, ...]" is not rich markup
+        by_header = dict(zip(headers, _cells(row), strict=True))
+        needed = by_header[NEEDED_HEADER]
+        if needed != "—":
+            by_header["verdict"] += f" ({needed})"
+        cells = [Text(by_header[h]) for h in order]  # Text: "[0.4, ...]" is not rich markup
         style = _VERDICT_STYLE.get(row.verdict)
         if style:
-            cells[8].stylize(style)
+            cells[verdict_at].stylize(style)
         table.add_row(*cells)
     return table
 
@@ -387,10 +499,9 @@ def _md_escape(text: str) -> str:
 
 def _md_table(rows: Sequence[ReportRow], metric: str) -> list[str]:
     headers = _headers(metric, _level_of(rows))
-    right = {2, 3, 4, 5, 6, 7, 9}
     lines = [
         "| " + " | ".join(_md_escape(h) for h in headers) + " |",
-        "|" + "|".join("---:" if i in right else "---" for i in range(len(headers))) + "|",
+        "|" + "|".join("---" if h in _LEFT else "---:" for h in headers) + "|",
     ]
     for row in rows:
         lines.append("| " + " | ".join(_md_escape(c) for c in _cells(row)) + " |")

@@ -221,7 +221,7 @@ class TrialReport:
     state: str
     best: float | None
     best_number: int | None
-    vs_baseline: Any = None  # PairedDiff or None
+    vs_baseline: Any = None  # PairedDiff.to_dict() or None
 
 
 @dataclass
@@ -370,9 +370,9 @@ class Tuner:
         diff = paired_difference(
             ids, scores, base.sample_ids, base.sample_scores, seed=self.spec.seed
         )
-        trial.set_user_attr(
-            "vs_coreinfer", {"mean": diff.mean, "low": diff.low, "high": diff.high, "n": diff.n}
-        )
+        # The full dict (sd and the power figures too); trials stored before it held only
+        # mean, low, high and n, and PairedDiff.from_dict reads both.
+        trial.set_user_attr("vs_coreinfer", diff.to_dict())
         self._record(trial, ids, scores, densities, model_seconds, t0)
         return _mean(scores)
 

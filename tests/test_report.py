@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 
+import numpy as np
 import pytest
 from rich.console import Console
 
@@ -11,17 +13,24 @@ from autosparse.errors import ConfigError
 from autosparse.methods import Method
 from autosparse.report import (
     DENSITY_HEADER,
+    DETECTABLE_HEADER,
     KEPT_HEADER,
+    NEEDED_HEADER,
     Report,
     ReportRow,
     ReportSection,
+    detectable_cell,
     from_json,
+    interval_cell,
     levels_table,
     make_row,
+    needed_cell,
     percent_of,
+    power_text,
     rows_table,
     to_json,
     to_markdown,
+    verdict_of,
     write_report,
 )
 from autosparse.results import EvalResult
@@ -186,3 +195,124 @@ def test_levels_table():
     assert "mean kept 0.583 over 3 sparse layers" in " ".join(text.split())
     with pytest.raises(ConfigError):
         levels_table([1, 2], [0.4])
+
+
+# ----------------------------------------------------------------- power figures
+
+Z_95_80 = 1.959963984540054 + 0.8416212335729143  # z_0.975 + z_0.8
+
+
+def _unclear_report() -> tuple[Report, list[float]]:
+    """CoreInfer, a setting whose gain is unclear, and one with identical answers."""
+    ids = list(range(10))
+    core_scores = [1.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.0]
+    lv_scores = [1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 1.0, 0.0]
+    core = _res(Method.coreinfer(0.4), 0.4, core_scores, ids=ids)
+    lv = _res(Method.levels([0.4, 0.4]), 0.5, lv_scores, ids=ids)
+    same = _res(Method.levels([0.3, 0.5]), 0.4, list(core_scores), ids=ids)
+    rows = [
+        make_row("CoreInfer", core, coreinfer=core),
+        make_row("levels #1", lv, coreinfer=core),
+        make_row("levels #2", same, coreinfer=core),
+    ]
+    report = Report("t", "m", "k", "acc", [ReportSection("Held-out (10 documents)", rows)])
+    return report, [a - b for a, b in zip(lv_scores, core_scores, strict=True)]
+
+
+def _md_row(md: str, label: str) -> list[str]:
+    line = next(x for x in md.splitlines() if x.startswith(f"| {label} |"))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def test_report_shows_detectable_difference_and_docs_to_resolve(results):
+    report, d = _unclear_report()
+    sd = float(np.std(d, ddof=1))
+    detectable = Z_95_80 * sd / math.sqrt(len(d))
+    needed = math.ceil((Z_95_80 * sd / float(np.mean(d))) ** 2)
+    row = report.sections[0].rows[1]
+    assert row.verdict == "unclear"
+    assert row.detectable == pytest.approx(detectable) and row.docs_to_resolve == needed
+    md = to_markdown(report)
+    header = _md_row(md, "setting")
+    assert (
+        header[-2:]
+        == [DETECTABLE_HEADER, NEEDED_HEADER]
+        == ["detectable (80% power)", "docs to resolve"]
+    )
+    cells = _md_row(md, "levels #1")
+    assert cells[-2:] == [f"±{detectable:.3f}", str(needed)]
+    assert _md_row(md, "levels #2")[-2:] == ["no spread", "∞"]  # identical answers
+    assert _md_row(md, "CoreInfer")[-2:] == ["—", "—"]
+    assert "docs/statistics.md" in md
+    # A resolved row has a detectable difference but nothing to resolve.
+    best = _md_row(to_markdown(_report(results)), "levels #6")
+    core, _, lv = results
+    gain = np.subtract(lv.sample_scores, core.sample_scores)
+    expected = Z_95_80 * np.std(gain, ddof=1) / math.sqrt(gain.size)
+    assert best[8] == "better" and best[-2:] == [f"±{expected:.3f}", "—"]
+
+
+def test_report_json_carries_the_power_figures_and_old_json_loads(results):
+    report, d = _unclear_report()
+    data = json.loads(json.dumps(to_json(report), allow_nan=False))
+    stored = data["sections"][0]["rows"][1]["diff"]
+    assert stored["sd"] == pytest.approx(np.std(d, ddof=1))
+    assert stored["detectable"] == pytest.approx(report.sections[0].rows[1].detectable)
+    assert stored["needed"] == report.sections[0].rows[1].docs_to_resolve
+    back = from_json(data)
+    assert back == report
+    assert [r.diff.sd for r in back.sections[0].rows] == [
+        r.diff.sd for r in report.sections[0].rows
+    ]
+    # A report written before the power figures: its diffs have no sd.
+    for row in data["sections"][0]["rows"]:
+        for key in ("sd", "power", "detectable", "needed"):
+            row["diff"].pop(key)
+    old = from_json(data)
+    assert old.sections[0].rows[1].verdict == "unclear"
+    assert old.sections[0].rows[1].detectable is None
+    assert _md_row(to_markdown(old), "levels #1")[-2:] == ["—", "—"]
+
+
+def test_rich_table_shows_the_power_figures():
+    report, d = _unclear_report()
+    table = rows_table(report.sections[0].rows, "Held-out", "acc")
+    headers = [" ".join(c.header.plain.split()) for c in table.columns]
+    assert DETECTABLE_HEADER in headers and "verdict (docs to resolve)" in headers
+    # the detectable difference stands beside the interval
+    assert headers.index(DETECTABLE_HEADER) == headers.index("Δ vs CoreInfer [95% CI]") + 1
+    console = Console(record=True, width=250)
+    console.print(table)
+    text = console.export_text()
+    needed = report.sections[0].rows[1].docs_to_resolve
+    assert f"unclear ({needed})" in text and "unclear (∞)" in text and "no spread" in text
+    # a 120-column terminal still shows every column, n last
+    narrow = Console(record=True, width=120)
+    narrow.print(table)
+    lines = narrow.export_text().splitlines()
+    row = next(line for line in lines if line.startswith(" levels #1"))
+    assert row.rstrip().endswith(" 10") and f"±{report.sections[0].rows[1].detectable:.3f}" in row
+
+
+def test_cell_helpers_take_stored_dicts():
+    new = PairedDiff(0.02, -0.0215, 0.0612, 200, sd=0.3)
+    for diff in (new, new.to_dict()):
+        assert interval_cell(diff) == "+0.0200 [-0.0215, +0.0612]"
+        # the interval's decimals
+        assert detectable_cell(diff) == f"±{Z_95_80 * 0.3 / math.sqrt(200):.4f}" == "±0.0594"
+        needed = math.ceil((Z_95_80 * 0.3 / 0.02) ** 2)
+        assert needed_cell(diff) == str(needed)
+        assert power_text(diff) == f"detectable {detectable_cell(diff)}, {needed} docs to resolve"
+        assert verdict_of(diff) == "unclear"
+    old = {"mean": 0.02, "low": -0.0215, "high": 0.0612, "n": 200}  # a trial stored before sd
+    assert detectable_cell(old) == needed_cell(old) == "—" and power_text(old) == ""
+    assert interval_cell(old) == "+0.0200 [-0.0215, +0.0612]"
+    better = PairedDiff(0.2, 0.1, 0.3, 50, sd=0.4)
+    assert needed_cell(better) == "—" and power_text(better).startswith("detectable ±")
+    assert power_text(PairedDiff(0.0, 0.0, 0.0, 30, sd=0.0)) == "same score on every sample"
+    assert power_text(PairedDiff(0.1, 0.1, 0.1, 30, sd=0.0)) == "same difference on every sample"
+    assert power_text(PairedDiff(0.0, -0.1, 0.1, 30, sd=0.2)).endswith(", ∞ docs to resolve")
+    for missing in (None, {}):
+        assert interval_cell(missing) == detectable_cell(missing) == needed_cell(missing) == "—"
+        assert verdict_of(missing) == ""
+    assert detectable_cell(PairedDiff(0.5, 0.5, 0.5, 1)) == "—"  # one pair: no spread known

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
 import pytest
 
 from autosparse.errors import ConfigError
-from autosparse.stats import PairedDiff, SampleMismatchError, mean_and_stderr, paired_difference
+from autosparse.stats import (
+    PairedDiff,
+    SampleMismatchError,
+    mean_and_stderr,
+    paired_difference,
+    power_factor,
+)
 
 
 def test_identical_scores_give_zero_with_zero_width():
@@ -103,3 +110,95 @@ def test_mean_and_stderr():
 def test_paired_diff_dict_round_trip():
     d = PairedDiff(0.1, -0.2, 0.4, 10, 0.9)
     assert PairedDiff.from_dict(d.to_dict()) == d
+
+
+# ----------------------------------------------------------------- power figures
+
+# z_0.975 + z_0.8, the factor of the paired normal approximation at 95% and 80% power.
+Z_95_80 = 1.959963984540054 + 0.8416212335729143
+
+
+def _closed_form(d: np.ndarray, z: float = Z_95_80) -> tuple[float, float, int]:
+    s = float(np.std(d, ddof=1))
+    return s, z * s / math.sqrt(d.size), math.ceil((z * s / abs(d.mean())) ** 2)
+
+
+def test_power_factor():
+    assert power_factor() == pytest.approx(Z_95_80, abs=1e-12)
+    assert power_factor(0.9, 0.9) == pytest.approx(1.6448536269514722 + 1.2815515655446004)
+    with pytest.raises(ValueError):
+        power_factor(0.95, 1.0)
+
+
+@pytest.mark.parametrize("n, shift", [(40, 0.05), (300, 0.1), (1000, 0.02)])
+def test_power_figures_match_the_closed_form(n, shift):
+    rng = np.random.default_rng(n)
+    b = (rng.random(n) < 0.3).astype(float)  # 0/1 scores, like accuracy per document
+    a = np.where(rng.random(n) < 0.2, 1.0 - b, b) + rng.normal(shift, 0.1, size=n)
+    diff = paired_difference(range(n), a, range(n), b)
+    s, detectable, needed = _closed_form(a - b)
+    assert diff.sd == pytest.approx(s, rel=1e-12)
+    assert diff.detectable() == pytest.approx(detectable, rel=1e-12)
+    assert diff.needed() == needed
+    # Another level and power change the factor only.
+    at_90 = paired_difference(range(n), a, range(n), b, level=0.9)
+    z = 1.6448536269514722 + 1.2815515655446004
+    assert at_90.detectable(power=0.9) == pytest.approx(_closed_form(a - b, z)[1], rel=1e-12)
+    assert at_90.needed(power=0.9) == _closed_form(a - b, z)[2]
+
+
+def test_detectable_is_about_1_43_half_widths_of_the_bootstrap_interval():
+    rng = np.random.default_rng(5)
+    d = rng.normal(0.0, 1.0, size=2000)
+    diff = paired_difference(range(2000), d, range(2000), np.zeros(2000))
+    half_width = (diff.high - diff.low) / 2
+    assert diff.detectable() == pytest.approx(Z_95_80 / 1.96 * half_width, rel=0.1)
+
+
+def test_an_unclear_difference_needs_more_documents_than_it_has():
+    rng = np.random.default_rng(2)
+    a, b = rng.normal(0.05, 1.0, size=60), rng.normal(0.0, 1.0, size=60)
+    diff = paired_difference(range(60), a, range(60), b)
+    assert not diff.excludes_zero and diff.mean != 0
+    assert diff.needed() > 2 * 60  # an interval covering 0 means |mean| < ~1.96 sd/sqrt(n)
+
+
+def test_no_spread_gives_no_power_figures():
+    ids = list(range(100))
+    same = paired_difference(ids, [1.0, 0.0] * 50, ids, [1.0, 0.0] * 50)  # identical answers
+    assert same.sd == 0.0 and not same.has_spread
+    assert same.detectable() is None and same.needed() is None
+    shifted = paired_difference(ids, [1.0] * 100, ids, [0.0] * 100)
+    assert shifted.sd == 0.0 and shifted.detectable() is None and shifted.needed() is None
+
+
+def test_power_figures_on_one_and_two_pairs():
+    one = paired_difference([1], [0.7], [1], [0.2])
+    assert one.n == 1 and one.sd is None
+    assert one.detectable() is None and one.needed() is None
+    two = paired_difference([1, 2], [1.0, 1.0], [1, 2], [0.0, 1.0])  # differences 1 and 0
+    sd = math.sqrt(0.5)
+    assert two.sd == pytest.approx(sd)
+    assert two.detectable() == pytest.approx(Z_95_80 * sd / math.sqrt(2))
+    assert two.needed() == math.ceil((Z_95_80 * sd / 0.5) ** 2)  # 16
+    zero_mean = paired_difference([1, 2], [1.0, 0.0], [1, 2], [0.0, 1.0])
+    assert zero_mean.mean == 0 and zero_mean.needed() is None
+    assert zero_mean.detectable() == pytest.approx(Z_95_80 * math.sqrt(2) / math.sqrt(2))
+
+
+def test_stored_dicts_old_and_new():
+    old = {"mean": 0.02, "low": -0.03, "high": 0.07, "n": 30}  # a trial stored before sd
+    d = PairedDiff.from_dict(old)
+    assert d.sd is None and d.level == 0.95
+    assert d.detectable() is None and d.needed() is None
+    new = paired_difference(range(50), np.arange(50.0) % 3, range(50), np.arange(50.0) % 2)
+    stored = json.loads(json.dumps(new.to_dict(), allow_nan=False))
+    assert stored["sd"] == pytest.approx(new.sd) and stored["power"] == 0.8
+    assert stored["detectable"] == pytest.approx(new.detectable())
+    assert stored["needed"] == new.needed()
+    back = PairedDiff.from_dict(stored)
+    assert back == new and back.sd == new.sd
+    # One pair: no sd, and the dict stays valid JSON (None, not NaN).
+    one = paired_difference([1], [1.0], [1], [0.0]).to_dict()
+    assert one["sd"] is None and one["detectable"] is None and one["needed"] is None
+    json.dumps(one, allow_nan=False)

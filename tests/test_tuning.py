@@ -13,6 +13,7 @@ import pytest
 from autosparse.errors import ConfigError, StorageError
 from autosparse.methods import Method
 from autosparse.results import EvalResult
+from autosparse.stats import PairedDiff
 from autosparse.tuning import (
     StudySpec,
     Tuner,
@@ -100,6 +101,12 @@ def test_solve_trials_all_meet_the_goal(tmp_path):
     best = done[0]
     assert best.user_attrs["sample_ids"] == list(range(100, 116))
     assert "vs_coreinfer" in best.user_attrs
+    # The stored difference carries its spread for the power figures (the fake evaluator's
+    # per-document noise cancels in the pairs: every document differs by the same amount).
+    stored = best.user_attrs["vs_coreinfer"]
+    assert {"sd", "detectable", "needed", "level"} <= stored.keys()
+    diff = PairedDiff.from_dict(stored)
+    assert diff.n == 16 and diff.sd == pytest.approx(0.0, abs=1e-12)
 
 
 def test_baselines_are_evaluated_once_on_the_screen(tmp_path):
