@@ -15,13 +15,17 @@ from autosparse.report import (
     Report,
     ReportRow,
     ReportSection,
+    StudySummary,
+    TrialRow,
     from_json,
     levels_table,
     make_row,
     percent_of,
     rows_table,
+    study_tables,
     to_json,
     to_markdown,
+    trial_line,
     write_report,
 )
 from autosparse.results import EvalResult
@@ -186,3 +190,47 @@ def test_levels_table():
     assert "mean kept 0.583 over 3 sparse layers" in " ".join(text.split())
     with pytest.raises(ConfigError):
         levels_table([1, 2], [0.4])
+
+
+def test_trial_lines_as_tune_prints_them():
+    from autosparse.tuning import TrialReport
+
+    done = TrialReport(
+        3, {"w_sum": 0.5, "top_k": 25}, 0.4, None, 0.55, "COMPLETE", 0.6, 1,
+        {"mean": 0.1, "low": -0.2, "high": 0.3},
+    )  # fmt: skip
+    assert trial_line(done, "acc") == (
+        "trial   3 complete  w_sum=0.50 top_k=25 threshold=nan  kept 0.400 realized -  "
+        "acc 0.55  vs CoreInfer +0.1 [-0.2, +0.3]  best 0.6 (#1)"
+    )
+    pruned = TrialReport(4, {}, None, 0.3, None, "PRUNED", None, None, None)
+    assert trial_line(pruned, "bleu_max") == (
+        "trial   4   pruned  w_sum=0.00 top_k=- threshold=nan  kept - realized 0.300  "
+        "bleu_max -  best -"
+    )
+
+
+def test_study_tables_show_spec_baselines_and_trials():
+    trial = TrialRow(
+        number=1, state="complete", feasible=False,
+        params={"w_sum": 0.4, "w_count": 0.6, "threshold": 0.1234, "top_k": 50},
+        achieved=0.401, density=float("nan"), value=0.39951,
+        vs_coreinfer={"mean": 0.0123, "low": -0.01, "high": 0.03}, samples=2, seconds=3.21,
+    )  # fmt: skip
+    summary = StudySummary(
+        name="s", model_id="m", task="t", goal=0.4, strategy="solve", screen=3,
+        calibration=None, baselines={"coreinfer": {"score": 0.51234, "density": 0.39}},
+        trials=[trial],
+    )  # fmt: skip
+    console = Console(width=200, record=True)
+    for renderable in study_tables(summary):
+        console.print(renderable)
+    text = console.export_text()
+    assert "coreinfer on screen  0.5123 (realized density 0.390)" in text
+    assert "calibration          None" in text and "Trials of s" in text
+    row = next(line for line in text.splitlines() if "infeasible" in line)
+    cells = [c.strip() for c in row.strip("│ ").split("│")]
+    assert cells == [
+        "1", "complete (infeasible)", "0.40", "0.60", "0.123", "50", "0.401", "-",
+        "0.3995", "+0.0123 [-0.01, +0.03]", "2", "3.2",
+    ]  # fmt: skip
