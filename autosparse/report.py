@@ -490,6 +490,129 @@ def levels_table(
     return table
 
 
+# --------------------------------------------------------------------------- studies
+
+
+@dataclass(frozen=True)
+class TrialRow:
+    """One trial of a study as ``show`` lists it. ``state`` is Optuna's, lower case;
+    ``achieved`` the mean planned keep of its levels, ``density`` the realized one;
+    ``vs_coreinfer`` the paired difference ({mean, low, high}) on the screen."""
+
+    number: int
+    state: str
+    feasible: bool
+    params: dict[str, Any]
+    achieved: float | None
+    density: float | None
+    value: float | None
+    vs_coreinfer: dict[str, float] | None
+    samples: int
+    seconds: float | None
+
+
+@dataclass(frozen=True)
+class StudySummary:
+    """A study's spec, its baselines on the screen ({label: {score, density, ...}}) and
+    its trials."""
+
+    name: str
+    model_id: str | None
+    task: str | None
+    goal: float | None
+    strategy: str | None
+    screen: int
+    calibration: str | None
+    baselines: dict[str, dict[str, Any]]
+    trials: list[TrialRow]
+
+
+def _dash(x: float | None, digits: int = 3) -> str:
+    """Fixed-point, or "-" for a missing or non-finite number."""
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "-"
+    return f"{x:.{digits}f}"
+
+
+def _gain(d: Mapping[str, float] | None) -> str:
+    return "-" if not d else f"{d['mean']:+.3g} [{d['low']:+.3g}, {d['high']:+.3g}]"
+
+
+def study_tables(summary: StudySummary) -> list[Any]:
+    """Two renderables: the study's spec and baselines, and a table of its trials."""
+    from rich.table import Table
+
+    header = Table.grid(padding=(0, 2))
+    for k, v in (
+        ("model", summary.model_id),
+        ("task", summary.task),
+        ("goal (mean keep)", summary.goal),
+        ("strategy", summary.strategy),
+        ("screen", summary.screen),
+        ("calibration", summary.calibration),
+    ):
+        header.add_row(f"[bold]{k}", str(v))
+    for label, b in summary.baselines.items():
+        header.add_row(
+            f"[bold]{label} on screen",
+            f"{b['score']:.4g} (realized density {_dash(b['density'])})",
+        )
+    table = Table(title=f"Trials of {summary.name}")
+    for col in (
+        "#",
+        "state",
+        "w_sum",
+        "w_count",
+        "threshold",
+        "top_k",
+        "kept (mean level)",
+        "realized density",
+        "value",
+        "Δ vs CoreInfer [95% CI]",
+        "detectable (80% power)",
+        "docs to resolve",
+        "samples",
+        "s",
+    ):
+        table.add_column(col, justify="right")
+    for t in summary.trials:
+        p = t.params
+        table.add_row(
+            str(t.number),
+            t.state + ("" if t.feasible else " (infeasible)"),
+            "-" if p.get("w_sum") is None else f"{p['w_sum']:.2f}",
+            "-" if p.get("w_count") is None else f"{p['w_count']:.2f}",
+            "-" if p.get("threshold") is None else f"{p['threshold']:.3f}",
+            str(p.get("top_k", "-")),
+            _dash(t.achieved),
+            _dash(t.density),
+            "-" if t.value is None else f"{t.value:.4g}",
+            _gain(t.vs_coreinfer),
+            detectable_cell(t.vs_coreinfer),
+            needed_cell(t.vs_coreinfer),
+            str(t.samples),
+            "-" if t.seconds is None else f"{t.seconds:.1f}",
+        )
+    return [header, table]
+
+
+def trial_line(r: Any, metric: str) -> str:
+    """One line for a trial as ``tune`` reports it (``r``: a ``tuning.TrialReport``)."""
+    p = r.params or {}
+    gain = ""
+    if r.vs_baseline:
+        power = power_text(r.vs_baseline)
+        gain = f"  vs CoreInfer {_gain(r.vs_baseline)}" + (f" ({power})" if power else "")
+    value = "-" if r.value is None else f"{r.value:.4g}"
+    best = "-" if r.best is None else f"{r.best:.4g} (#{r.best_number})"
+    return (
+        f"trial {r.number:>3} {r.state.lower():>8}  w_sum={p.get('w_sum', 0):.2f} "
+        f"top_k={p.get('top_k', '-')} threshold={p.get('threshold', float('nan')):.3f}  "
+        f"kept {_dash(r.achieved)} realized {_dash(r.density)}  {metric} {value}{gain}  "
+        f"best {best}"
+    )
+
+
 # --------------------------------------------------------------------------- markdown / json
 
 

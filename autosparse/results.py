@@ -1,9 +1,14 @@
-"""The result of evaluating one method on one task sample: what the store keeps."""
+"""What evaluations produce and the result store keeps: the result of one method on one
+task sample, and the dense model's reference continuation of one prompt (the fidelity
+objective's)."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 @dataclass
@@ -33,3 +38,24 @@ class EvalResult:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EvalResult:
         return cls(**d)
+
+
+@dataclass(frozen=True, eq=False)
+class Reference:
+    """The dense model's greedy continuation of one document's prompt.
+
+    ``prompt_ids`` and ``continuation`` are token ids (the continuation ends at the
+    first end-of-sequence token, inclusive, or after ``max_new_tokens``).
+    ``top_ids`` (C, k) int64 and ``top_logprobs`` (C, k) float32 are the dense
+    model's k most likely next tokens and their log-probabilities at each
+    continuation position, from a teacher-forced dense pass. ``dense_fidelity`` is
+    the dense model's mean log-likelihood of the continuation (same pass).
+    ``prompt_sha`` is the SHA-256 of the prompt text, to notice changed task data."""
+
+    doc_id: int
+    prompt_sha: str
+    prompt_ids: tuple[int, ...]
+    continuation: tuple[int, ...]
+    top_ids: np.ndarray
+    top_logprobs: np.ndarray
+    dense_fidelity: float

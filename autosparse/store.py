@@ -9,6 +9,16 @@ An evaluation is identified by (model, task, method key, settings key). The keys
 SHA-256 hashes of the canonical JSON (sorted keys, no whitespace) of the method's identity
 (``Method.to_dict()``) and of the settings dict, so ``find`` matches only identical
 methods and settings.
+
+The store also keeps the fidelity objective's dense references (``Reference``: one
+greedy continuation per document and its top-k log-probabilities), identified by
+(model, task, settings key, document id), so a resumed study, a second worker or a later
+``eval`` never generates them again.
+
+Schema version 1 holds both tables. Databases written before the references joined the
+store's schema have no references table (or one an older autosparse created on first
+use, with the same columns): opening them adds it, and they stay readable by either
+version.
 """
 
 from __future__ import annotations
@@ -18,19 +28,22 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from sqlalchemy import (
     JSON,
     DateTime,
     Float,
     Index,
     Integer,
+    LargeBinary,
     String,
+    UniqueConstraint,
     create_engine,
     select,
 )
@@ -45,7 +58,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 from sqlalchemy.pool import StaticPool
 
 from autosparse.errors import StorageError
-from autosparse.results import EvalResult
+from autosparse.results import EvalResult, Reference
 
 DEFAULT_URL = "sqlite:///studies/autosparse.db"
 SCHEMA_VERSION = 1
@@ -137,6 +150,27 @@ class _EvaluationRow(_Base):
     versions: Mapped[dict] = mapped_column(JSON)
 
 
+class _ReferenceRow(_Base):
+    __tablename__ = "autosparse_fidelity_references"
+    __table_args__ = (
+        UniqueConstraint("model", "task", "settings_key", "doc_id", name="uq_autosparse_fidref"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    model: Mapped[str] = mapped_column(String(512))
+    task: Mapped[str] = mapped_column(String(256))
+    settings_key: Mapped[str] = mapped_column(String(64))
+    doc_id: Mapped[int] = mapped_column(Integer)
+    prompt_sha: Mapped[str] = mapped_column(String(64))
+    prompt_ids: Mapped[bytes] = mapped_column(LargeBinary)  # int32
+    continuation: Mapped[bytes] = mapped_column(LargeBinary)  # int32
+    top_k: Mapped[int] = mapped_column(Integer)
+    top_ids: Mapped[bytes] = mapped_column(LargeBinary)  # (C, k) int32
+    top_logprobs: Mapped[bytes] = mapped_column(LargeBinary)  # (C, k) float32
+    dense_fidelity: Mapped[float] = mapped_column(Float)
+
+
 # --------------------------------------------------------------------------- snapshots
 
 
@@ -195,6 +229,24 @@ def _snapshot(row: _EvaluationRow) -> StoredResult:
         versions=dict(row.versions or {}),
         id=row.id,
         created=_utc(row.created),
+    )
+
+
+def _ints(b: bytes) -> tuple[int, ...]:
+    return tuple(int(x) for x in np.frombuffer(b, dtype=np.int32))
+
+
+def _reference(row: _ReferenceRow) -> Reference:
+    cont = _ints(row.continuation)
+    shape = (len(cont), row.top_k)
+    return Reference(
+        doc_id=row.doc_id,
+        prompt_sha=row.prompt_sha,
+        prompt_ids=_ints(row.prompt_ids),
+        continuation=cont,
+        top_ids=np.frombuffer(row.top_ids, dtype=np.int32).reshape(shape).astype(np.int64),
+        top_logprobs=np.frombuffer(row.top_logprobs, dtype=np.float32).reshape(shape).copy(),
+        dense_fidelity=float(row.dense_fidelity),
     )
 
 
@@ -410,3 +462,58 @@ class ResultStore:
             stmt = stmt.where(_EvaluationRow.task == task)
         with self.session() as s:
             return [_snapshot(r) for r in s.scalars(stmt)]
+
+    # ------------------------------------------------------------- references
+
+    def save_references(
+        self, model: str, task: str, settings_key: str, refs: Sequence[Reference]
+    ) -> None:
+        """Store dense references under (model, task, settings key), replacing a stored
+        reference of the same document. A row another worker inserted meanwhile is left
+        as it is."""
+        for ref in refs:
+            row = _ReferenceRow(
+                created=datetime.now(timezone.utc),
+                model=model,
+                task=task,
+                settings_key=settings_key,
+                doc_id=int(ref.doc_id),
+                prompt_sha=ref.prompt_sha,
+                prompt_ids=np.asarray(ref.prompt_ids, dtype=np.int32).tobytes(),
+                continuation=np.asarray(ref.continuation, dtype=np.int32).tobytes(),
+                top_k=int(ref.top_ids.shape[1]),
+                top_ids=np.ascontiguousarray(ref.top_ids, dtype=np.int32).tobytes(),
+                top_logprobs=np.ascontiguousarray(ref.top_logprobs, dtype=np.float32).tobytes(),
+                dense_fidelity=float(ref.dense_fidelity),
+            )
+            try:
+                with self.session() as s:
+                    old = s.scalars(
+                        select(_ReferenceRow).where(
+                            _ReferenceRow.model == model,
+                            _ReferenceRow.task == task,
+                            _ReferenceRow.settings_key == settings_key,
+                            _ReferenceRow.doc_id == int(ref.doc_id),
+                        )
+                    ).first()
+                    if old is not None:
+                        s.delete(old)
+                        s.flush()
+                    s.add(row)
+            except StorageError as exc:
+                if not isinstance(exc.__cause__, IntegrityError):
+                    raise
+
+    def load_references(
+        self, model: str, task: str, settings_key: str, ids: Iterable[int]
+    ) -> dict[int, Reference]:
+        """The stored references of documents ``ids`` under (model, task, settings key),
+        by document id (documents without one are missing from the dict)."""
+        stmt = select(_ReferenceRow).where(
+            _ReferenceRow.model == model,
+            _ReferenceRow.task == task,
+            _ReferenceRow.settings_key == settings_key,
+            _ReferenceRow.doc_id.in_([int(i) for i in ids]),
+        )
+        with self.session() as s:
+            return {row.doc_id: _reference(row) for row in s.scalars(stmt)}

@@ -1,19 +1,18 @@
-"""The tune / finalize workflow on real models and tasks: wiring the study logic
-(autosparse.tuning, autosparse.finalize) to model loading, lm-eval evaluation with a
-result cache, and calibration statistics. The CLI calls these functions."""
+"""The application layer: tune, finalize, list and summarize studies on real models and
+tasks, wiring the study logic (autosparse.tuning, autosparse.finalize) to model loading,
+the evaluators (autosparse.tasks.evaluator) with their result cache, and calibration
+statistics. The CLI calls these functions and renders what they return."""
 
 from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from autosparse.errors import ConfigError, StorageError
-from autosparse.methods import Method
-from autosparse.results import EvalResult
 from autosparse.tuning import (
     SPEC_ATTR,
     StudySpec,
@@ -27,121 +26,20 @@ from autosparse.tuning import (
     reference_grid,
 )
 
+if TYPE_CHECKING:
+    from autosparse.report import StudySummary
+    from autosparse.tuning import TrialReport
+
+#: receives one-line status messages (loading, calibration, baselines)
+StatusCallback = Callable[[str], None]
+#: receives each finished trial and the name of the metric its value is in
+TrialCallback = Callable[["TrialReport", str], None]
+
 STUDIES_DIR = Path("studies")
 #: the study `autosparse tune` with no options creates, and `finalize` with no --study reads
 DEFAULT_STUDY = "smollm2-135m-csqa-local-g0.4"
 
 
-# ----------------------------------------------------------------- evaluation
-
-
-class TaskEvaluator:
-    """Evaluates methods on documents of one task with one loaded model, through lm-eval.
-    Every evaluation is cached in a ResultStore (the study's database by default), so a
-    resumed study or a second worker never recomputes a baseline. After ``prepare(ids)``
-    (the tuning screen) documents among ``ids`` are answered from requests built once
-    (``PreparedTask``), each with the prompt it has in the whole screen."""
-
-    def __init__(
-        self,
-        loaded,
-        task: str,
-        *,
-        model_id: str,
-        num_fewshot: int | None = None,
-        batch_size: int = 8,
-        metric: str | None = None,
-        max_gen_toks: int | None = None,
-        seed: int = 42,
-        store=None,
-        progress: bool = True,
-    ):
-        from autosparse.tasks.registry import canonical_name, primary_metric
-
-        self.loaded = loaded
-        self.task = canonical_name(task)
-        self.model_id = model_id
-        self.num_fewshot = num_fewshot
-        self.batch_size = batch_size
-        self.max_gen_toks = max_gen_toks
-        self.seed = seed
-        self.store = store
-        self.progress = progress
-        self.metric = primary_metric(self.task, metric) or metric or "score"
-        self._requested_metric = metric
-        self._n_docs: int | None = None
-        self._prepared = None
-
-    def prepare(self, ids: Sequence[int]) -> None:
-        """Build the requests of documents ``ids`` once for every later ``run`` on them."""
-        from autosparse.tasks.prepared import PreparedTask
-
-        self._prepared = PreparedTask(self.loaded.model, self.task, ids, **self._options())
-
-    def _options(self) -> dict[str, Any]:
-        """The evaluation options of run_task and PreparedTask."""
-        return {
-            "tokenizer": self.loaded.tokenizer,
-            "seed": self.seed,
-            "num_fewshot": self.num_fewshot,
-            "batch_size": self.batch_size,
-            "metric": self._requested_metric,
-            "model_name": self.model_id,
-            "max_gen_toks": self.max_gen_toks,
-        }
-
-    def document_ids(self) -> list[int]:
-        if self._n_docs is None:
-            from autosparse.tasks.registry import load_task
-
-            _, task_obj = load_task(self.task)
-            self._n_docs = len(task_obj.eval_docs)
-        return list(range(self._n_docs))
-
-    def _settings(
-        self, ids: Sequence[int], prompts_of: Sequence[int] | None = None
-    ) -> dict[str, Any]:
-        settings = {
-            "ids": [int(i) for i in ids],
-            "seed": self.seed,
-            "num_fewshot": self.num_fewshot,
-            "batch_size": self.batch_size,
-            "metric": self._requested_metric,
-            "max_gen_toks": self.max_gen_toks,
-            "dtype": str(self.loaded.dtype).replace("torch.", ""),
-        }
-        if prompts_of is not None and sorted(prompts_of) != sorted(int(i) for i in ids):
-            # with few-shot examples, a document's prompt depends on the documents it
-            # was built with: part of a prepared screen is not the same evaluation
-            settings["prompts_of"] = sorted(int(i) for i in prompts_of)
-        return settings
-
-    def run(self, method: Method, ids: Sequence[int]) -> EvalResult:
-        from autosparse.tasks.evaluation import run_task
-
-        prepared = self._prepared
-        if prepared is not None and not set(int(i) for i in ids) <= set(prepared.ids):
-            prepared = None
-        settings = self._settings(ids, prepared.ids if prepared is not None else None)
-        if self.store is not None:
-            hit = self.store.find(self.model_id, self.task, method, settings)
-            if hit is not None:
-                return hit.result()
-        if prepared is not None:
-            result = prepared.run(method, ids, progress=self.progress).result
-        else:
-            result = run_task(
-                self.loaded.model,
-                self.task,
-                method,
-                ids=list(ids),
-                progress=self.progress,
-                **self._options(),
-            ).result
-        result.settings = settings
-        if self.store is not None:
-            self.store.save(result)
-        return result
 
 
 # ---------------------------------------------------------------- tune
@@ -174,16 +72,21 @@ def run_tune(
     prompt_cache_gb: float = 4.0,
     reference_calibration: bool = False,
     enqueue_reference: bool = False,
-    console=None,
+    on_status: StatusCallback | None = None,
+    on_trial: TrialCallback | None = None,
+    progress: bool = False,
 ) -> TuneOutcome:
     """Create or resume the study and run trials. Everything that can be checked without
-    running a model (storage, task, the study's spec) is checked before anything is written."""
+    running a model (storage, task, the study's spec) is checked before anything is written.
+    ``on_status`` receives status lines, ``on_trial`` every trial this worker finished;
+    ``progress`` draws progress bars on stderr."""
     from autosparse.calibration import CalibrationChoice, calibration_stats, choose_calibration
     from autosparse.levels import LevelsIndex
     from autosparse.store import ResultStore
+    from autosparse.tasks.evaluator import EvaluatorOptions, make_evaluator
     from autosparse.tasks.registry import canonical_name, load_task
 
-    say = _say(console)
+    say = on_status or _ignore
     name = study_name or default_study_name(
         spec.model, spec.task, spec.goal, spec.goal_from_baseline
     )
@@ -217,7 +120,7 @@ def run_tune(
         load_model=lambda: (loaded.model, loaded.tokenizer),
         dtype=str(loaded.dtype),
         directory=STUDIES_DIR / "calibration",
-        progress=console is not None,
+        progress=progress,
     )
     kept_out = "; excluded from evaluation" if prompts.exclude_from_evaluation else ""
     say(("reused" if reused else "computed") + f" calibration statistics ({source}{kept_out})")
@@ -236,26 +139,21 @@ def run_tune(
         optuna_storage = open_storage(url)
     study = create_or_resume(optuna_storage, name, spec)
     store = ResultStore(url)
-    extra: dict[str, Any] = {}
-    if spec.objective == "task":
-        evaluator_class, metric = TaskEvaluator, spec.metric
-    else:
-        from autosparse.fidelity import FidelityEvaluator
-
-        evaluator_class, metric = FidelityEvaluator, spec.objective
-        extra["prompt_cache_gb"] = prompt_cache_gb
-    evaluator = evaluator_class(
+    evaluator = make_evaluator(
+        spec.objective,
         loaded,
-        spec.task,
-        model_id=spec.model_id,
-        num_fewshot=spec.num_fewshot,
-        batch_size=batch_size,
-        metric=metric,
-        max_gen_toks=max_gen_toks if spec.objective == "task" else None,
-        seed=spec.seed,
-        store=store,
-        progress=console is not None,
-        **extra,
+        EvaluatorOptions(
+            model_id=spec.model_id,
+            task=spec.task,
+            num_fewshot=spec.num_fewshot,
+            batch_size=batch_size,
+            metric=spec.metric,
+            seed=spec.seed,
+            max_gen_toks=max_gen_toks,
+            store=store,
+            progress=progress,
+            prompt_cache_gb=prompt_cache_gb,
+        ),
     )
     if "calibration_ids" not in study.user_attrs:
         study.set_user_attr("calibration_ids", calibration_ids)
@@ -278,7 +176,10 @@ def run_tune(
             if p["top_k"] in spec.top_k_choices:
                 study.enqueue_trial(params, skip_if_exists=True)
         say(f"enqueued {len(hits)} reference grid points")
-    ran = tuner.run(trials, timeout, on_trial=_trial_printer(console, evaluator.metric))
+    metric = evaluator.metric
+    ran = tuner.run(
+        trials, timeout, on_trial=None if on_trial is None else lambda r: on_trial(r, metric)
+    )
     best = tuner.trial_report(study.trials[-1]) if study.trials else None
     summary = (
         f"study {name!r}: {len(study.trials)} trials in {url}"
@@ -321,31 +222,8 @@ def _fmt(x) -> str:
     return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.3f}"
 
 
-def _say(console):
-    if console is None:
-        return lambda _: None
-    return lambda msg: console.print(f"[dim]{msg}[/dim]")
-
-
-def _trial_printer(console, metric: str):
-    if console is None:
-        return None
-
-    def show(r) -> None:
-        p = r.params or {}
-        gain = ""
-        if r.vs_baseline:
-            v = r.vs_baseline
-            gain = f"  vs CoreInfer {v['mean']:+.3g} [{v['low']:+.3g}, {v['high']:+.3g}]"
-        value = "-" if r.value is None else f"{r.value:.4g}"
-        best = "-" if r.best is None else f"{r.best:.4g} (#{r.best_number})"
-        console.print(
-            f"trial {r.number:>3} {r.state.lower():>8}  w_sum={p.get('w_sum', 0):.2f} "
-            f"top_k={p.get('top_k', '-')} threshold={p.get('threshold', float('nan')):.3f}  "
-            f"kept {_fmt(r.achieved)} realized {_fmt(r.density)}  {metric} {value}{gain}  best {best}"
-        )
-
-    return show
+def _ignore(_: str) -> None:
+    pass
 
 
 # ---------------------------------------------------------------- finalize
@@ -363,12 +241,15 @@ def run_finalize(
     mode: str = "masked",
     batch_size: int = 8,
     max_gen_toks: int | None = None,
-    console=None,
+    on_status: StatusCallback | None = None,
+    progress: bool = False,
 ):
-    """Finalize a study; returns (report, (report.md, report.json))."""
+    """Finalize a study; returns (report, (report.md, report.json)). ``on_status``
+    receives status lines; ``progress`` draws progress bars on stderr."""
     from autosparse.finalize import finalize
     from autosparse.report import write_report
     from autosparse.store import ResultStore
+    from autosparse.tasks.evaluator import EvaluatorOptions, TaskEvaluator
 
     url = _study_storage(study_name, storage)
     if storage is None and not (STUDIES_DIR / f"{study_name}.db").exists():
@@ -379,7 +260,7 @@ def run_finalize(
     if study is None or SPEC_ATTR not in study.user_attrs:
         raise StorageError(f"no autosparse study {study_name!r} in {url}")
     spec = StudySpec.from_dict(study.user_attrs[SPEC_ATTR])
-    say = _say(console)
+    say = on_status or _ignore
     say(f"loading {spec.model}")
     loaded = _load_quietly(spec.model, device, dtype)
     from autosparse.models import model_identity
@@ -392,15 +273,17 @@ def run_finalize(
     with ResultStore(url) as store:
         evaluator = TaskEvaluator(
             loaded,
-            spec.task,
-            model_id=spec.model_id,
-            num_fewshot=spec.num_fewshot,
-            batch_size=batch_size,
-            metric=spec.metric,
-            max_gen_toks=max_gen_toks,
-            seed=spec.seed,
-            store=store,
-            progress=console is not None,
+            EvaluatorOptions(
+                model_id=spec.model_id,
+                task=spec.task,
+                num_fewshot=spec.num_fewshot,
+                batch_size=batch_size,
+                metric=spec.metric,
+                seed=spec.seed,
+                max_gen_toks=max_gen_toks,
+                store=store,
+                progress=progress,
+            ),
         )
         report = finalize(
             study,
@@ -457,9 +340,9 @@ def list_studies(storage: str | None = None) -> list[tuple]:
     return rows
 
 
-def show(name: str, storage: str | None = None) -> list:
-    """Renderables describing a study's trials."""
-    from rich.table import Table
+def study_summary(name: str, storage: str | None = None) -> StudySummary:
+    """A study's spec, baselines and trials (``report.study_tables`` renders it)."""
+    from autosparse.report import StudySummary, TrialRow
 
     url = _study_storage(name, storage)
     if storage is None and not (STUDIES_DIR / f"{name}.db").exists():
@@ -469,59 +352,35 @@ def show(name: str, storage: str | None = None) -> list:
         raise StorageError(f"no study {name!r} in {url}")
     spec = study.user_attrs.get(SPEC_ATTR, {})
     attrs = study.user_attrs
-    header = Table.grid(padding=(0, 2))
-    for k, v in (
-        ("model", spec.get("model_id")),
-        ("task", spec.get("task")),
-        ("goal (mean keep)", attrs.get("goal")),
-        ("strategy", spec.get("strategy")),
-        ("screen", len(attrs.get("screen_ids", []))),
-        ("calibration", attrs.get("calibration_source")),
-    ):
-        header.add_row(f"[bold]{k}", str(v))
-    for label in ("coreinfer", "dense"):
-        b = attrs.get(f"baseline:{label}")
-        if b:
-            header.add_row(
-                f"[bold]{label} on screen",
-                f"{b['score']:.4g} (realized density {_fmt(b['density'])})",
-            )
-    table = Table(title=f"Trials of {name}")
-    for col in (
-        "#",
-        "state",
-        "w_sum",
-        "w_count",
-        "threshold",
-        "top_k",
-        "kept (mean level)",
-        "realized density",
-        "value",
-        "Δ vs CoreInfer [95% CI]",
-        "samples",
-        "s",
-    ):
-        table.add_column(col, justify="right")
+    trials = []
     for t in study.trials:
         u = t.user_attrs
-        p = u.get("params", {})
-        d = u.get("vs_coreinfer")
-        table.add_row(
-            str(t.number),
-            t.state.name.lower() + ("" if u.get("feasible", True) else " (infeasible)"),
-            _num(p.get("w_sum")),
-            _num(p.get("w_count")),
-            _num(p.get("threshold"), 3),
-            str(p.get("top_k", "-")),
-            _fmt(u.get("achieved_mean")),
-            _fmt(u.get("density")),
-            "-" if t.value is None else f"{t.value:.4g}",
-            "-" if not d else f"{d['mean']:+.3g} [{d['low']:+.3g}, {d['high']:+.3g}]",
-            str(len(u.get("sample_ids", []))),
-            _num(u.get("seconds"), 1),
+        trials.append(
+            TrialRow(
+                number=t.number,
+                state=t.state.name.lower(),
+                feasible=u.get("feasible", True),
+                params=dict(u.get("params", {})),
+                achieved=u.get("achieved_mean"),
+                density=u.get("density"),
+                value=t.value,
+                vs_coreinfer=u.get("vs_coreinfer"),
+                samples=len(u.get("sample_ids", [])),
+                seconds=u.get("seconds"),
+            )
         )
-    return [header, table]
-
-
-def _num(x, digits: int = 2) -> str:
-    return "-" if x is None else f"{x:.{digits}f}"
+    return StudySummary(
+        name=name,
+        model_id=spec.get("model_id"),
+        task=spec.get("task"),
+        goal=attrs.get("goal"),
+        strategy=spec.get("strategy"),
+        screen=len(attrs.get("screen_ids", [])),
+        calibration=attrs.get("calibration_source"),
+        baselines={
+            label: attrs[f"baseline:{label}"]
+            for label in ("coreinfer", "dense")
+            if attrs.get(f"baseline:{label}")
+        },
+        trials=trials,
+    )

@@ -29,6 +29,7 @@ import os
 import random
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -115,12 +116,12 @@ def main() -> int:
     from autosparse.adapters import adapter_for
     from autosparse.calibration import CalibrationChoice, calibration_stats, choose_calibration
     from autosparse.engine.config import resolve_layers
-    from autosparse.fidelity import FidelityEvaluator
+    from autosparse.fidelity.evaluator import FidelityEvaluator
     from autosparse.levels import LevelsIndex
     from autosparse.methods import Method
     from autosparse.models import load_model, model_identity
     from autosparse.store import ResultStore
-    from autosparse.workflow import TaskEvaluator
+    from autosparse.tasks.evaluator import EvaluatorOptions, TaskEvaluator
 
     out = Path(args.out) / args.task
     out.mkdir(parents=True, exist_ok=True)
@@ -143,18 +144,21 @@ def main() -> int:
     index = LevelsIndex.from_stats(stats, layers)
 
     store = ResultStore(f"sqlite:///{out / 'evidence.db'}")
-    common = dict(model_id=model_id, num_fewshot=0, batch_size=args.batch_size, seed=args.seed)
-    task_ev = TaskEvaluator(
-        loaded, args.task, max_gen_toks=args.max_gen_toks, store=store, progress=False, **common
+    common = EvaluatorOptions(
+        model_id=model_id,
+        task=args.task,
+        num_fewshot=0,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        max_gen_toks=args.max_gen_toks,
+        progress=False,
     )
+    task_ev = TaskEvaluator(loaded, replace(common, store=store))
     fid_ev = FidelityEvaluator(
         loaded,
-        args.task,
+        replace(common, store=store),
         max_new_tokens=args.max_new_tokens,
         min_new_tokens=args.min_new_tokens,
-        store=store,
-        progress=False,
-        **common,
     )
     calib_ids = set(prompts.ids)
     pool = [i for i in task_ev.document_ids() if i not in calib_ids]
@@ -248,9 +252,9 @@ def main() -> int:
 def time_trials(args, loaded, index, stats, screen, common, stored_fid) -> int:
     """Seconds per trial on the screen for the first N settings at the goal, every
     evaluator fresh and without a result store (so nothing is served from a cache)."""
-    from autosparse.fidelity import FidelityEvaluator
+    from autosparse.fidelity.evaluator import FidelityEvaluator
     from autosparse.methods import Method
-    from autosparse.workflow import TaskEvaluator
+    from autosparse.tasks.evaluator import TaskEvaluator
 
     refs = stored_fid.references(screen)  # generated or read once, as in a study
     settings = level_settings(
@@ -260,19 +264,12 @@ def time_trials(args, loaded, index, stats, screen, common, stored_fid) -> int:
         Method.levels(keep) if kind != "coreinfer" else Method.coreinfer(keep)
         for _, kind, keep in settings
     ][: args.time_only]
-    fid_opts = dict(
-        max_new_tokens=args.max_new_tokens,
-        min_new_tokens=args.min_new_tokens,
-        progress=False,
-        **common,
-    )
-    kept = FidelityEvaluator(loaded, args.task, **fid_opts)
+    lengths = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens)
+    kept = FidelityEvaluator(loaded, common, **lengths)
     kept._references = dict(refs)
-    again = FidelityEvaluator(loaded, args.task, prompt_cache_gb=0, **fid_opts)
+    again = FidelityEvaluator(loaded, replace(common, prompt_cache_gb=0), **lengths)
     again._references = dict(refs)
-    task_ev = TaskEvaluator(
-        loaded, args.task, max_gen_toks=args.max_gen_toks, progress=False, **common
-    )
+    task_ev = TaskEvaluator(loaded, common)
     task_ev.prepare(screen)
     t0 = time.perf_counter()
     kept.run(Method.coreinfer(args.goal), screen)  # runs the prompts: once per study

@@ -55,8 +55,8 @@ def run_study(args, model_name: str, prune: bool, root: Path) -> dict:
     from autosparse.levels import LevelsIndex
     from autosparse.models import load_model, model_identity
     from autosparse.store import ResultStore
+    from autosparse.tasks.evaluator import EvaluatorOptions, TaskEvaluator
     from autosparse.tuning import StudySpec, Tuner, create_or_resume, open_storage
-    from autosparse.workflow import TaskEvaluator
 
     loaded = load_model(model_name, device="cpu")
     timer = ForwardTimer(loaded.model)
@@ -75,9 +75,9 @@ def run_study(args, model_name: str, prune: bool, root: Path) -> dict:
     index = LevelsIndex.from_stats(stats)  # the default sparse layers, as the engine
     url = f"sqlite:///{root / ('prune' if prune else 'noprune')}.db"
     study = create_or_resume(open_storage(url), "bench", spec)
-    evaluator = TaskEvaluator(loaded, args.task, model_id=spec.model_id, num_fewshot=0,
-                              batch_size=args.batch_size, seed=args.seed, progress=False,
-                              store=ResultStore(url))
+    evaluator = TaskEvaluator(loaded, EvaluatorOptions(
+        model_id=spec.model_id, task=args.task, num_fewshot=0, batch_size=args.batch_size,
+        seed=args.seed, progress=False, store=ResultStore(url)))
     pool = [i for i in evaluator.document_ids() if i not in set(prompts.ids)]
     tuner = Tuner(study, spec, evaluator, index)
     tuner.prepare(sorted(random.Random(args.seed).sample(pool, args.screen)))

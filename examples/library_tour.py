@@ -12,8 +12,8 @@ from autosparse.levels import LevelsIndex
 from autosparse.methods import Method
 from autosparse.models import load_model, model_identity
 from autosparse.stats import paired_difference
+from autosparse.tasks.evaluator import EvaluatorOptions, TaskEvaluator
 from autosparse.tasks.sampling import calibration_texts, sample_ids
-from autosparse.workflow import TaskEvaluator
 
 MODEL, TASK, GOAL, SEED = "smollm2-135m", "csqa-local", 0.4, 42
 
@@ -39,7 +39,8 @@ print(f"levels for goal {GOAL}: threshold {solved.threshold:.3f}, achieved mean 
       f"{solved.mean:.3f}\n  {list(solved.levels)}")
 
 # 3. Evaluate dense, CoreInfer and the levels on the same seeded sample, zero-shot.
-evaluator = TaskEvaluator(loaded, TASK, model_id=model_id, num_fewshot=0, batch_size=8)
+evaluator = TaskEvaluator(loaded, EvaluatorOptions(model_id=model_id, task=TASK, num_fewshot=0,
+                                                   batch_size=8))
 levels = Method.levels([max(0.01, x) for x in solved.levels], layers="6:27")
 results = {name: evaluator.run(method, evaluated) for name, method in
            [("dense", Method.dense()), ("coreinfer", Method.coreinfer(0.4)), ("levels", levels)]}

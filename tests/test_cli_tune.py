@@ -207,16 +207,16 @@ def test_fidelity_objective_stores_dense_references_once(model_dir, tmp_path):
 
 
 def test_prompt_cache_size_reaches_the_fidelity_evaluator(model_dir, tmp_path, monkeypatch):
-    from autosparse import fidelity
+    from autosparse.fidelity.evaluator import FidelityEvaluator
 
     seen = []
-    original = fidelity.FidelityEvaluator.__init__
+    original = FidelityEvaluator.__init__
 
-    def spy(self, *args, **kwargs):
-        seen.append(kwargs.get("prompt_cache_gb"))
-        original(self, *args, **kwargs)
+    def spy(self, loaded, options, **kwargs):
+        seen.append(options.prompt_cache_gb)
+        original(self, loaded, options, **kwargs)
 
-    monkeypatch.setattr(fidelity.FidelityEvaluator, "__init__", spy)
+    monkeypatch.setattr(FidelityEvaluator, "__init__", spy)
     args = [*TUNE, "--model", model_dir, "--objective", "fidelity", "--trials", "1"]
     result = run([*args, "--prompt-cache-gb", "0"], tmp_path)
     assert result.exit_code == 0, result.output

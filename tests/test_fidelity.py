@@ -10,10 +10,12 @@ import torch
 from conftest import tiny_llama, tiny_tokenizer
 
 from autosparse.errors import ConfigError
-from autosparse.fidelity import FidelityEvaluator, topk_kl
+from autosparse.fidelity.evaluator import FidelityEvaluator
+from autosparse.fidelity.scoring import topk_kl
 from autosparse.methods import Method
 from autosparse.stats import SampleMismatchError, paired_difference
 from autosparse.store import ResultStore
+from autosparse.tasks.evaluator import EvaluatorOptions
 
 PROMPTS = {
     i: f"The quick brown fox {i} jumps over the lazy dog {i * 7} times. " * (1 + i % 3)
@@ -32,18 +34,27 @@ def sharp_llama():
     return model
 
 
+FIDELITY_ARGS = ("max_new_tokens", "min_new_tokens", "top_k", "prompts")
+
+
 def make(model=None, store=None, **kw):
     kw.setdefault("max_new_tokens", 10)
     kw.setdefault("min_new_tokens", 10)
     kw.setdefault("batch_size", 4)
+    kw.setdefault("prompts", PROMPTS)
+    own = {k: kw.pop(k) for k in FIDELITY_ARGS if k in kw}
     return FidelityEvaluator(
         (model if model is not None else sharp_llama(), tiny_tokenizer()),
-        "toy",
-        model_id="tiny",
-        prompts=kw.pop("prompts", PROMPTS),
-        store=store,
-        progress=False,
-        **kw,
+        EvaluatorOptions(model_id="tiny", task="toy", store=store, progress=False, **kw),
+        **own,
+    )
+
+
+def fidelity_of(model, task: str, *, max_new_tokens: int = 32, **options):
+    return FidelityEvaluator(
+        model,
+        EvaluatorOptions(model_id="t", task=task, progress=False, **options),
+        max_new_tokens=max_new_tokens,
     )
 
 
@@ -226,15 +237,11 @@ def test_task_prompts_and_few_shot_are_deterministic_per_document():
     from autosparse.tasks.sampling import prompt_text
 
     tok = tiny_tokenizer()
-    zero = FidelityEvaluator(
-        (tiny_llama(), tok), "csqa-local", model_id="t", num_fewshot=0, progress=False
-    )
+    zero = fidelity_of((tiny_llama(), tok), "csqa-local", num_fewshot=0)
     _, task = load_task("csqa-local")
     for i in (0, 17):
         assert zero.prompt(i) == prompt_text(task, task.eval_docs[i])
-    shots = FidelityEvaluator(
-        (tiny_llama(), tok), "csqa-local", model_id="t", num_fewshot=2, progress=False
-    )
+    shots = fidelity_of((tiny_llama(), tok), "csqa-local", num_fewshot=2)
     a = [shots.prompt(i) for i in (3, 9, 4)]
     b = [shots.prompt(i) for i in (4, 3, 9)]
     assert a == [b[1], b[2], b[0]]
@@ -242,14 +249,9 @@ def test_task_prompts_and_few_shot_are_deterministic_per_document():
     assert shots.reference_settings()["num_fewshot"] == 2
     # the task's own size, and references on real prompts
     assert len(zero.document_ids()) == len(task.eval_docs)
-    r = FidelityEvaluator(
-        (tiny_llama(), tok),
-        "csqa-local",
-        model_id="t",
-        num_fewshot=0,
-        max_new_tokens=4,
-        progress=False,
-    ).run(Method.coreinfer(0.5), [1, 2])
+    r = fidelity_of((tiny_llama(), tok), "csqa-local", num_fewshot=0, max_new_tokens=4).run(
+        Method.coreinfer(0.5), [1, 2]
+    )
     assert r.sample_ids == [1, 2] and all(math.isfinite(s) for s in r.sample_scores)
 
 
@@ -279,16 +281,61 @@ def test_prompts_run_once_per_batch_and_give_the_one_pass_scores():
         assert a.sample_scores == pytest.approx(b.sample_scores, abs=1e-4)
         assert a.metrics["kl"] == pytest.approx(b.metrics["kl"], abs=1e-4)
         assert a.density == b.density
-    assert cached.prompt_runs == 2  # 8 documents in batches of 4, for every method
-    assert one_pass.prompt_runs == 0
+    assert cached.prompt_cache.runs == 2  # 8 documents in batches of 4, for every method
+    assert one_pass.prompt_cache.runs == 0
     cached.run(Method.coreinfer(0.3, token_ratio=0.4), ids)  # other statistics
-    assert cached.prompt_runs == 4
+    assert cached.prompt_cache.runs == 4
 
 
 def test_the_prompt_cache_stays_under_its_budget():
     ev = make(prompt_cache_gb=1e-9)  # room for nothing but the batch in use
     ids = ev.document_ids()[:8]
     ev.run(Method.coreinfer(0.3), ids)
-    assert len(ev._prompt_batches) == 1
+    assert len(ev.prompt_cache) == 1
     ev.run(Method.coreinfer(0.5), ids)
-    assert ev.prompt_runs == 4
+    assert ev.prompt_cache.runs == 4
+
+
+def test_one_factory_builds_the_evaluator_of_each_objective():
+    from autosparse.tasks.evaluator import TaskEvaluator, make_evaluator
+
+    loads = []
+
+    def loader():
+        loads.append(1)
+        return tiny_llama(), tiny_tokenizer()
+
+    options = EvaluatorOptions(model_id="t", task="csqa-local", metric="acc", progress=False)
+    task = make_evaluator("task", loader, options)
+    assert isinstance(task, TaskEvaluator) and task.metric == "acc"
+    kl = make_evaluator("kl", loader, options)
+    assert isinstance(kl, FidelityEvaluator) and kl.metric == "neg_kl"
+    assert kl.options.prompt_cache_gb == options.prompt_cache_gb
+    assert make_evaluator("fidelity", loader, options).metric == "fidelity"
+    assert loads == []  # building an evaluator loads no model
+    with pytest.raises(ConfigError, match="objective"):
+        make_evaluator("bleu", loader, options)
+
+
+def test_a_stored_result_is_found_before_the_model_is_loaded(tmp_path):
+    model = sharp_llama()
+    with ResultStore(f"sqlite:///{tmp_path / 's.db'}") as store:
+        first = make(model, store).run(Method.coreinfer(0.4), [0, 1, 2])
+
+        def loader():
+            raise AssertionError("loaded")
+
+        lazy = FidelityEvaluator(
+            loader,
+            EvaluatorOptions(
+                model_id="tiny", task="toy", batch_size=4, dtype="float32", store=store
+            ),
+            max_new_tokens=10,
+            min_new_tokens=10,
+            prompts=PROMPTS,
+        )
+        assert lazy.find(Method.coreinfer(0.4), [2, 1, 0]).sample_scores == first.sample_scores
+        assert lazy.run(Method.coreinfer(0.4), [0, 1, 2]).sample_scores == first.sample_scores
+        assert lazy.find(Method.coreinfer(0.5), [0, 1, 2]) is None
+        with pytest.raises(AssertionError, match="loaded"):
+            lazy.run(Method.coreinfer(0.5), [0, 1, 2])

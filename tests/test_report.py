@@ -20,6 +20,8 @@ from autosparse.report import (
     ReportRow,
     ReportSection,
     detectable_cell,
+    StudySummary,
+    TrialRow,
     from_json,
     interval_cell,
     levels_table,
@@ -28,9 +30,11 @@ from autosparse.report import (
     percent_of,
     power_text,
     rows_table,
+    study_tables,
     to_json,
     to_markdown,
     verdict_of,
+    trial_line,
     write_report,
 )
 from autosparse.results import EvalResult
@@ -316,3 +320,76 @@ def test_cell_helpers_take_stored_dicts():
         assert interval_cell(missing) == detectable_cell(missing) == needed_cell(missing) == "—"
         assert verdict_of(missing) == ""
     assert detectable_cell(PairedDiff(0.5, 0.5, 0.5, 1)) == "—"  # one pair: no spread known
+def test_trial_lines_as_tune_prints_them():
+    from autosparse.tuning import TrialReport
+
+    done = TrialReport(
+        3, {"w_sum": 0.5, "top_k": 25}, 0.4, None, 0.55, "COMPLETE", 0.6, 1,
+        {"mean": 0.1, "low": -0.2, "high": 0.3, "n": 50},
+    )  # fmt: skip
+    assert trial_line(done, "acc") == (
+        "trial   3 complete  w_sum=0.50 top_k=25 threshold=nan  kept 0.400 realized -  "
+        "acc 0.55  vs CoreInfer +0.1 [-0.2, +0.3]  best 0.6 (#1)"
+    )
+    pruned = TrialReport(4, {}, None, 0.3, None, "PRUNED", None, None, None)
+    assert trial_line(pruned, "bleu_max") == (
+        "trial   4   pruned  w_sum=0.00 top_k=- threshold=nan  kept - realized 0.300  "
+        "bleu_max -  best -"
+    )
+
+
+def test_study_tables_show_spec_baselines_and_trials():
+    trial = TrialRow(
+        number=1, state="complete", feasible=False,
+        params={"w_sum": 0.4, "w_count": 0.6, "threshold": 0.1234, "top_k": 50},
+        achieved=0.401, density=float("nan"), value=0.39951,
+        vs_coreinfer={"mean": 0.0123, "low": -0.01, "high": 0.03, "n": 2}, samples=2, seconds=3.21,
+    )  # fmt: skip
+    summary = StudySummary(
+        name="s", model_id="m", task="t", goal=0.4, strategy="solve", screen=3,
+        calibration=None, baselines={"coreinfer": {"score": 0.51234, "density": 0.39}},
+        trials=[trial],
+    )  # fmt: skip
+    console = Console(width=200, record=True)
+    for renderable in study_tables(summary):
+        console.print(renderable)
+    text = console.export_text()
+    assert "coreinfer on screen  0.5123 (realized density 0.390)" in text
+    assert "calibration          None" in text and "Trials of s" in text
+    row = next(line for line in text.splitlines() if "infeasible" in line)
+    cells = [c.strip() for c in row.strip("│ ").split("│")]
+    assert cells == [
+        "1", "complete (infeasible)", "0.40", "0.60", "0.123", "50", "0.401", "-",
+        "0.3995", "+0.0123 [-0.01, +0.03]", "—", "—", "2", "3.2",
+    ]  # fmt: skip
+
+
+def test_study_table_and_trial_line_show_power_figures():
+    from autosparse.tuning import TrialReport
+
+    # an unclear gain with a known spread: 40 pairs, sd 0.5 -> detectable 2.80 * 0.5 / sqrt(40)
+    diff = PairedDiff(0.05, -0.1, 0.2, 40, sd=0.5).to_dict()
+    detectable = Z_95_80 * 0.5 / 40**0.5
+    needed = math.ceil((Z_95_80 * 0.5 / 0.05) ** 2)
+    trial = TrialRow(
+        number=2, state="complete", feasible=True, params={"w_sum": 0.4, "top_k": 50},
+        achieved=0.4, density=0.38, value=0.5, vs_coreinfer=diff, samples=40, seconds=1.0,
+    )  # fmt: skip
+    summary = StudySummary(
+        name="s", model_id="m", task="t", goal=0.4, strategy="solve", screen=40,
+        calibration=None, baselines={}, trials=[trial],
+    )  # fmt: skip
+    console = Console(width=220, record=True)
+    for renderable in study_tables(summary):
+        console.print(renderable)
+    text = console.export_text()
+    assert "detectable (80% power)" in text and "docs to resolve" in text
+    row = next(line for line in text.splitlines() if line.strip("│ ").startswith("2 "))
+    cells = [c.strip() for c in row.strip("│ ").split("│")]
+    assert cells[10] == detectable_cell(diff) and abs(float(cells[10][1:]) - detectable) < 0.01
+    assert cells[11] == str(needed)
+    report = TrialReport(
+        2, {"w_sum": 0.4, "top_k": 50}, 0.4, 0.38, 0.5, "COMPLETE", 0.5, 2, diff
+    )  # fmt: skip
+    line = trial_line(report, "acc")
+    assert f"detectable {detectable_cell(diff)}, {needed} docs to resolve" in line

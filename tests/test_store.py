@@ -8,12 +8,21 @@ import math
 import sqlite3
 from datetime import timezone
 
+import numpy as np
 import pytest
+from sqlalchemy import func, select
 
 from autosparse.errors import StorageError
 from autosparse.methods import Method
-from autosparse.results import EvalResult
-from autosparse.store import ResultStore, StoredResult, method_key, settings_key
+from autosparse.results import EvalResult, Reference
+from autosparse.store import (
+    SCHEMA_VERSION,
+    ResultStore,
+    StoredResult,
+    _ReferenceRow,
+    method_key,
+    settings_key,
+)
 
 SETTINGS = {"limit": 50, "seed": 42, "shots": 6, "batch_size": 1, "metric": "bleu_max"}
 
@@ -226,6 +235,81 @@ def test_not_a_database_file(tmp_path):
     bad.write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(StorageError) as info:
         ResultStore(f"sqlite:///{bad}")
+    assert "\n" not in str(info.value)
+
+
+def _reference(doc_id: int, length: int = 3, k: int = 4, shift: float = 0.0) -> Reference:
+    rng = np.random.default_rng(doc_id)
+    return Reference(
+        doc_id=doc_id,
+        prompt_sha=f"sha-{doc_id}",
+        prompt_ids=tuple(range(doc_id, doc_id + 5)),
+        continuation=tuple(range(100, 100 + length)),
+        top_ids=rng.integers(0, 300, size=(length, k)).astype(np.int64),
+        top_logprobs=(rng.normal(size=(length, k)) - 3.0 + shift).astype(np.float32),
+        dense_fidelity=-1.25 + shift,
+    )
+
+
+def _same_reference(a: Reference, b: Reference) -> bool:
+    return (
+        (a.doc_id, a.prompt_sha, a.prompt_ids, a.continuation, a.dense_fidelity)
+        == (b.doc_id, b.prompt_sha, b.prompt_ids, b.continuation, b.dense_fidelity)
+        and a.top_ids.dtype == b.top_ids.dtype == np.int64
+        and a.top_logprobs.dtype == b.top_logprobs.dtype == np.float32
+        and np.array_equal(a.top_ids, b.top_ids)
+        and np.array_equal(a.top_logprobs, b.top_logprobs)
+    )
+
+
+def test_references_round_trip(store):
+    refs = [_reference(0), _reference(5, length=1), _reference(9, length=7, k=2)]
+    store.save_references("m", "t", "key", refs)
+    got = store.load_references("m", "t", "key", [0, 5, 9, 42])
+    assert sorted(got) == [0, 5, 9]  # document 42 has none
+    assert all(_same_reference(got[r.doc_id], r) for r in refs)
+    assert store.load_references("m", "t", "other key", [0, 5, 9]) == {}
+    assert store.load_references("other model", "t", "key", [0]) == {}
+    assert store.load_references("m", "t", "key", []) == {}
+    # a document's reference is replaced, not duplicated
+    newer = _reference(5, length=2, shift=0.5)
+    store.save_references("m", "t", "key", [newer])
+    assert _same_reference(store.load_references("m", "t", "key", [5])[5], newer)
+    with store.session() as s:
+        assert s.scalar(select(func.count()).select_from(_ReferenceRow)) == 3
+
+
+def test_references_are_shared_between_stores(url):
+    with ResultStore(url) as a, ResultStore(url) as b:
+        a.save_references("m", "t", "key", [_reference(3)])
+        assert _same_reference(b.load_references("m", "t", "key", [3])[3], _reference(3))
+    with ResultStore(url) as c:
+        assert sorted(c.load_references("m", "t", "key", [3, 4])) == [3]
+
+
+def test_a_database_without_the_references_table_gains_it(tmp_path):
+    # databases written before the references joined the store's schema
+    path = tmp_path / "old.db"
+    with ResultStore(f"sqlite:///{path}") as s:
+        rid = s.save(_result(Method.dense()))
+    db = sqlite3.connect(path)
+    db.execute("drop table autosparse_fidelity_references")
+    db.commit()
+    with ResultStore(f"sqlite:///{path}") as s:
+        assert s.get(rid).model == "smollm2-135m"
+        s.save_references("m", "t", "key", [_reference(1)])
+        assert _same_reference(s.load_references("m", "t", "key", [1])[1], _reference(1))
+    assert db.execute("select version from autosparse_schema").fetchall() == [(SCHEMA_VERSION,)]
+
+
+def test_another_schema_version_is_refused_in_one_line(tmp_path):
+    path = tmp_path / "future.db"
+    ResultStore(f"sqlite:///{path}").close()
+    db = sqlite3.connect(path)
+    db.execute("update autosparse_schema set version = ?", (SCHEMA_VERSION + 1,))
+    db.commit()
+    with pytest.raises(StorageError, match=f"schema version {SCHEMA_VERSION + 1}") as info:
+        ResultStore(f"sqlite:///{path}")
     assert "\n" not in str(info.value)
 
 

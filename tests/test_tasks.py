@@ -351,19 +351,21 @@ def test_task_evaluator_answers_screen_slices_with_the_screen_prompts(llama_pair
     from types import SimpleNamespace
 
     from autosparse.store import ResultStore
-    from autosparse.workflow import TaskEvaluator
+    from autosparse.tasks.evaluator import EvaluatorOptions, TaskEvaluator
 
     model, tok = llama_pair
     loaded = SimpleNamespace(model=model, tokenizer=tok, dtype=model.dtype)
     store = ResultStore(f"sqlite:///{tmp_path / 'r.db'}")
     evaluator = TaskEvaluator(
         loaded,
-        "csqa-local",
-        model_id="tiny",
-        num_fewshot=2,
-        batch_size=4,
-        store=store,
-        progress=False,
+        EvaluatorOptions(
+            model_id="tiny",
+            task="csqa-local",
+            num_fewshot=2,
+            batch_size=4,
+            store=store,
+            progress=False,
+        ),
     )
     screen = [3, 10, 17, 40, 41, 52]
     evaluator.prepare(screen)

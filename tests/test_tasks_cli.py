@@ -132,3 +132,38 @@ def test_eval_levels_file(setup, tmp_path):
     assert data["method"]["name"] == "levels" and data["method"]["keep"] == [0.2, 0.5]
     low, high = data["layer_density"]
     assert 0 < low <= 0.2 < high <= 0.5
+
+
+def test_eval_scores_a_custom_include_path_task_for_fidelity(setup):
+    result = invoke(
+        setup, "--method", "coreinfer", "--keep", "0.5", "--metric", "fidelity", "--json"
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["task"] == "fx-csqa" and data["metric"] == "fidelity"
+    assert data["settings"]["objective"] == "fidelity"
+    assert data["settings"]["include_path"] == [str(setup[1])]
+    assert len(data["sample_ids"]) == 3 and all(s < 0 for s in data["sample_scores"])
+    assert data["metrics"]["kl"] > 0  # keep 0.5 moves the next-token distributions
+
+
+@pytest.mark.parametrize("metric", [["--metric", "kl"], []])
+def test_a_stored_result_is_returned_without_loading_the_model(setup, monkeypatch, metric):
+    args = ("--method", "coreinfer", "--keep", "0.6", *metric, "--json")
+    first = invoke(setup, *args)
+    assert first.exit_code == 0, first.output
+    stored = json.loads(first.stdout)
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded for a stored result")
+
+    import autosparse.models
+
+    monkeypatch.setattr(autosparse.models, "load_model", no_load)
+    again = invoke(setup, *args)
+    assert again.exit_code == 0, again.output
+    data = json.loads(again.stdout)
+    assert data["cached"] is True and stored["cached"] is False
+    assert data["sample_scores"] == stored["sample_scores"] and data["metric"] == stored["metric"]
+    with pytest.raises(AssertionError, match="the model was loaded"):
+        invoke(setup, *args, "--force")  # --force evaluates again: it needs the model

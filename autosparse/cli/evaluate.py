@@ -93,88 +93,31 @@ def eval_command(
     log-likelihood tasks (multiple choice) score each answer with its tokens after
     the first running sparse. Results are stored and reused unless --force.
     """
-    from autosparse.tasks.evaluation import eval_settings
-    from autosparse.tasks.registry import canonical_name, primary_metric
+    from autosparse.tasks.evaluator import evaluate_method
 
     chosen = build_method(method, keep, token_ratio, levels_file, mode, layers)
-    task_name = canonical_name(task)
-    settings = eval_settings(
+    outcome = evaluate_method(
+        model,
+        task,
+        chosen,
         limit=limit,
         seed=seed,
         num_fewshot=num_fewshot,
         batch_size=batch_size,
-        metric=primary_metric(task_name, metric),
-        dtype=_dtype_name(device, dtype),
+        metric=metric,
+        include_path=include_path,
         max_gen_toks=max_gen_toks,
+        device=device,
+        dtype=dtype,
+        storage=storage,
+        force=force,
+        progress=not as_json,
+        load=load,
     )
-    if include_path:
-        settings["include_path"] = [str(p) for p in include_path]
-    from autosparse.models import model_identity
-
-    model_name = model_identity(model)
-
-    store = _open_store(storage)
-    result, cached = None, False
-    if metric in ("fidelity", "kl"):
-        # the dense-fidelity objective: no generation per method, one teacher-forced pass
-        from autosparse.fidelity import FidelityEvaluator
-        from autosparse.tasks.sampling import sample_ids
-
-        ids = sample_ids(task_name, limit, seed, include_path=list(include_path) or None)
-        evaluator = FidelityEvaluator(
-            load(model, device, dtype),
-            task_name,
-            model_id=model_name,
-            num_fewshot=num_fewshot,
-            batch_size=batch_size,
-            metric=metric,
-            seed=seed,
-            store=None if force else store,
-            progress=not as_json,
-        )
-        result = evaluator.run(chosen, ids)
-    elif store is not None and not force:
-        result = store.find(model_name, task_name, chosen, settings)
-        cached = result is not None
-    if result is None and metric not in ("fidelity", "kl"):
-        from autosparse.tasks import evaluate
-
-        loaded = load(model, device, dtype)
-        result = evaluate(
-            loaded,
-            task_name,
-            chosen,
-            limit=limit,
-            seed=seed,
-            num_fewshot=num_fewshot,
-            batch_size=batch_size,
-            metric=metric,
-            include_path=list(include_path) or None,
-            model_name=model_name,
-            max_gen_toks=max_gen_toks,
-            progress=not as_json,
-        )
-        result.settings = settings
-        if store is not None:
-            store.save(result)
     if as_json:
-        click.echo(json.dumps({**_plain(result), "cached": cached}, indent=2))
+        click.echo(json.dumps({**_plain(outcome.result), "cached": outcome.cached}, indent=2))
     else:
-        _render(result, chosen, cached)
-
-
-def _dtype_name(device: str, dtype: str) -> str:
-    from autosparse.models import resolve_device, resolve_dtype
-
-    return str(resolve_dtype(dtype, resolve_device(device))).replace("torch.", "")
-
-
-def _open_store(url: str | None):
-    try:
-        from autosparse.store import DEFAULT_URL, ResultStore
-    except ImportError:  # the store is optional: evaluate without caching
-        return None
-    return ResultStore(url or DEFAULT_URL)
+        _render(outcome.result, chosen, outcome.cached)
 
 
 def _plain(result) -> dict:

@@ -235,9 +235,21 @@ def tune_command(**opts):
         prompt_cache_gb=o["prompt_cache_gb"],
         reference_calibration=o["reference_calibration"],
         enqueue_reference=o["enqueue_reference"],
-        console=console,
+        on_status=_status_printer(console),
+        on_trial=_trial_printer(console),
+        progress=True,
     )
     console.print(outcome.summary)
+
+
+def _status_printer(console):
+    return lambda message: console.print(f"[dim]{message}[/dim]")
+
+
+def _trial_printer(console):
+    from autosparse.report import trial_line
+
+    return lambda report, metric: console.print(trial_line(report, metric))
 
 
 @click.command("finalize")
@@ -299,7 +311,8 @@ def finalize_command(**opts):
         dtype=o["dtype"],
         mode=o["mode"],
         batch_size=o["batch_size"],
-        console=console,
+        on_status=_status_printer(console),
+        progress=True,
     )
     if o["as_json"]:
         click.echo(json.dumps(to_json(report), indent=2))
@@ -333,10 +346,12 @@ def studies_command(storage):
 def show_command(name, storage):
     """Print a study's trials: parameters, achieved mean keep, density, score, gain vs CoreInfer."""
 
-    from autosparse.workflow import show
+    from autosparse.report import study_tables
+    from autosparse.workflow import study_summary
 
-    for renderable in show(name, storage):
-        make_console().print(renderable)
+    console = make_console()
+    for renderable in study_tables(study_summary(name, storage)):
+        console.print(renderable)
 
 
 COMMANDS = [tune_command, finalize_command, studies_command, show_command]
