@@ -19,9 +19,9 @@ from autosparse.report import (
     Report,
     ReportRow,
     ReportSection,
-    detectable_cell,
     StudySummary,
     TrialRow,
+    detectable_cell,
     from_json,
     interval_cell,
     levels_table,
@@ -33,8 +33,8 @@ from autosparse.report import (
     study_tables,
     to_json,
     to_markdown,
-    verdict_of,
     trial_line,
+    verdict_of,
     write_report,
 )
 from autosparse.results import EvalResult
