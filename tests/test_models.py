@@ -298,9 +298,8 @@ def test_a_stale_or_unmarked_cache_is_converted_again(fake_gguf, monkeypatch):
     (target / "model.safetensors").write_bytes(b"half written")
     (target / models._MARKER).write_text(json.dumps({"identity": "an older package"}))
 
-    def write(gguf_path, folder, identity):
+    def write(gguf_path, folder):
         (folder / "model.safetensors").write_bytes(b"new")
-        (folder / models._MARKER).write_text(json.dumps({"identity": identity}))
 
     monkeypatch.setattr(models, "_write_converted", write)
     assert models._converted_gguf_folder(SMOLLM2) == target
@@ -311,7 +310,7 @@ def test_a_stale_or_unmarked_cache_is_converted_again(fake_gguf, monkeypatch):
 
 @pytest.mark.parametrize("interruption", [KeyboardInterrupt, RuntimeError])
 def test_an_interrupted_conversion_leaves_no_cache(fake_gguf, monkeypatch, capsys, interruption):
-    def write(gguf_path, folder, identity):
+    def write(gguf_path, folder):
         (folder / "model.safetensors").write_bytes(b"partial")
         raise interruption()
 
