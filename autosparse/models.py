@@ -520,7 +520,8 @@ def _part_file(spec: _SplitGguf, number: int) -> Path | None:
 
 
 def _part_files(spec: _SplitGguf) -> list[Path]:
-    """Every part's file, in order; ModelNotFoundError naming the install command if any is missing."""
+    """Every part's file, in order. ModelNotFoundError naming the install command if any is
+    missing."""
     files = {n: _part_file(spec, n) for n in range(1, spec.parts + 1)}
     missing = [n for n, path in files.items() if path is None]
     if len(missing) == spec.parts:
@@ -577,7 +578,9 @@ def _converted_split_folder(alias: str, spec: _SplitGguf) -> Path:
         return target
     parts = _part_files(spec)
     if importlib.util.find_spec("gguf") is None:
-        raise ModelNotFoundError(f"reading GGUF files needs the package gguf: {spec.install_hint()}")
+        raise ModelNotFoundError(
+            f"reading GGUF files needs the package gguf: {spec.install_hint()}"
+        )
     # The assembled file is only an input to the conversion (0.5 / 1.1 GB, a second copy
     # of what the parts hold), so it lives in a temporary folder next to the cache.
     work = _cache_temp_dir(target.parent, f".{alias}.gguf-")
