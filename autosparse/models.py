@@ -481,8 +481,8 @@ def _write_converted(gguf_path: Path, folder: Path) -> None:
 
     # A GGUF-loaded model refuses save_pretrained: hand its (dequantized) weights to a
     # plain model built from the same config. The plain model is built without storage
-    # and takes the GGUF model's tensors as they are (assign), so the weights are held in
-    # memory once: the 1.5B needs 7 GB in float32, not 14.
+    # and takes the GGUF model's tensors as they are (assign), so the weights are not held
+    # twice (7 GB per copy for the 1.5B in float32).
     config = copy.deepcopy(gguf_model.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
