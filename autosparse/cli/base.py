@@ -48,7 +48,10 @@ def model_options(f):
         "model",
         default="smollm2-135m",
         show_default=True,
-        help="Hub id, local folder, or alias (smollm2-135m, llama3-3b, opt-6.7b).",
+        help=(
+            "Hub id, local folder, or alias (smollm2-135m, qwen2.5-0.5b, qwen2.5-1.5b, "
+            "llama3-3b, opt-6.7b)."
+        ),
     )(device_options(f))
 
 
