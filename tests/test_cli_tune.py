@@ -131,6 +131,10 @@ def test_finalize_writes_reports(tuned):
     assert all(r["n"] == 8 for r in rows)
     md = (cwd / "studies" / "tiny-csqa-local-g0.4" / "report.md").read_text()
     assert "kept (CoreInfer 'sparsity')" in md
+    # every paired interval comes with its power figures (the spread of the pairs)
+    assert "| detectable (80% power) | docs to resolve |" in md
+    diffs = [r["diff"] for r in rows if r["diff"] is not None]
+    assert len(diffs) == len(rows) and all("sd" in d and "detectable" in d for d in diffs)
 
 
 @pytest.mark.parametrize(
