@@ -454,10 +454,14 @@ class Tuner:
         from optuna.storages import fail_stale_trials
 
         storage = self.study._storage
-        interval = getattr(storage, "heartbeat_interval", None)
+        get_interval = getattr(storage, "get_heartbeat_interval", None)
+        interval = get_interval() if get_interval is not None else None
         if not interval:
             return False
-        grace = storage.grace_period or 2 * interval
+        # (a study wraps the RDB storage, which alone knows the grace period; Optuna's
+        # default is 2 intervals, so waiting 3 when it is unknown is never too short)
+        backend = getattr(storage, "_backend", storage)
+        grace = getattr(backend, "grace_period", None) or GRACE_HEARTBEATS * interval
         # A dead worker's last heartbeat is no later than now, so it is stale once it is
         # `grace` old (plus a second: SQLite keeps whole seconds) by the database's clock.
         waited = grace + 2
