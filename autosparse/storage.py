@@ -164,8 +164,9 @@ def prepare(url: str | Location) -> Location:
 
 
 def create_engine(url: str | Location) -> Engine:
-    """A SQLAlchemy engine for ``url`` with the module's options, in write-ahead-log mode
-    for a SQLite file. StorageError when the URL is bad or its driver is missing."""
+    """A SQLAlchemy engine for ``url`` with the module's options (the folder of a SQLite
+    file is created; ``write_ahead_log`` once its tables exist). StorageError when the URL
+    is bad or its driver is missing."""
     import sqlalchemy
     from sqlalchemy.exc import ArgumentError
 
