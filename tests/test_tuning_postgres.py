@@ -272,6 +272,7 @@ def test_a_rerun_right_after_a_kill_reaches_its_target(study_url, tmp_path):
     assert ran == target
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used:UserWarning")
 def test_a_live_worker_s_trial_is_waited_for_but_never_failed(tmp_path):
     """A trial whose heartbeat stays fresh (its worker is alive, on another machine say)
     counts towards the target: the worker waits at most the grace period for it, then
