@@ -406,7 +406,9 @@ class Tuner:
         has a stale heartbeat, is failed, and its retry is run here. A live worker's trial
         keeps its heartbeat fresh and is never failed."""
         from optuna.storages import fail_stale_trials
+        from optuna.trial import TrialState
 
+        waiting = TrialState.WAITING
         start = time.monotonic()
         deadline = None if timeout is None else start + timeout
         ran = 0
@@ -423,11 +425,16 @@ class Tuner:
                 if self._wait_for_running(running, deadline, on_status):
                     continue
                 break
-            before = {t.number for t in self.study.get_trials(deepcopy=False)}
+            # (a queued trial, such as a dead worker's retry, is the one optimize runs next)
+            before = {t.number for t in self.study.get_trials(deepcopy=False) if t.state != waiting}
             self.study.optimize(self.objective, n_trials=1, catch=(), gc_after_trial=False)
             ran += 1
             if on_trial is not None:
-                new = [t for t in self.study.get_trials(deepcopy=False) if t.number not in before]
+                new = [
+                    t
+                    for t in self.study.get_trials(deepcopy=False)
+                    if t.number not in before and t.state.is_finished()
+                ]
                 if new:
                     on_trial(self.trial_report(new[-1]))
         return ran

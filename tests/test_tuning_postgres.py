@@ -261,7 +261,8 @@ def test_a_rerun_right_after_a_kill_reaches_its_target(study_url, tmp_path):
     url, target = study_url, 2
     victim = _kill_a_worker_mid_trial(url, tmp_path, target, stale=False)
     tuner = make_tuner_at(url, heartbeat=HEARTBEAT)
-    ran = tuner.run(trials=target)
+    reported: list[int] = []
+    ran = tuner.run(trials=target, on_trial=lambda r: reported.append(r.number))
 
     trials = tuner.study.trials
     assert sum(t.state in DONE for t in trials) == target
@@ -270,6 +271,8 @@ def test_a_rerun_right_after_a_kill_reaches_its_target(study_url, tmp_path):
     retries = [t for t in trials if t.system_attrs.get("failed_trial") == victim.number]
     assert len(retries) == 1 and retries[0].params == victim.params
     assert ran == target
+    # Each trial this worker ran is reported, the retry included.
+    assert reported == [t.number for t in trials if t.state in DONE]
 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used:UserWarning")
