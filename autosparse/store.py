@@ -1,8 +1,9 @@
 """The result store: every evaluation, kept in SQL through SQLAlchemy.
 
-Any SQLAlchemy URL works; the default is a SQLite file under ``studies/``. Tables are
-prefixed ``autosparse_`` so the store can share a database with an Optuna study (whose
-tables are ``studies``, ``trials``, ...). Reads return detached dataclass copies
+Any SQLAlchemy URL works, opened by ``autosparse.storage`` exactly as a study's is; the
+default is a SQLite file under ``studies/``. Tables are prefixed ``autosparse_`` so the
+store can share a database with an Optuna study (whose tables are ``studies``, ``trials``,
+...). Reads return detached dataclass copies
 (``StoredResult``), never live ORM objects: changing one changes nothing in the store.
 
 An evaluation is identified by (model, task, method key, settings key). The keys are
@@ -27,11 +28,9 @@ import contextlib
 import hashlib
 import json
 import math
-import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -44,21 +43,19 @@ from sqlalchemy import (
     LargeBinary,
     String,
     UniqueConstraint,
-    create_engine,
     select,
 )
-from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.engine import Engine
 from sqlalchemy.exc import (
-    ArgumentError,
     IntegrityError,
-    NoSuchModuleError,
     SQLAlchemyError,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
-from sqlalchemy.pool import StaticPool
 
+from autosparse import storage
 from autosparse.errors import StorageError
 from autosparse.results import EvalResult, Reference
+from autosparse.storage import one_line
 
 DEFAULT_URL = "sqlite:///studies/autosparse.db"
 SCHEMA_VERSION = 1
@@ -253,35 +250,6 @@ def _reference(row: _ReferenceRow) -> Reference:
 # --------------------------------------------------------------------------- store
 
 
-def _one_line(exc: BaseException) -> str:
-    inner = getattr(exc, "orig", None) or exc
-    text = str(inner).strip() or type(inner).__name__
-    return text.splitlines()[0].strip()
-
-
-def _postgres_driver(url: URL) -> URL:
-    """``postgresql://`` means psycopg (v3) to SQLAlchemy 2.1; fall back to psycopg2 when
-    only that is installed, so a plain URL works with either driver."""
-    if url.drivername != "postgresql":
-        return url
-    import importlib.util
-
-    if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2"):
-        return url.set(drivername="postgresql+psycopg2")
-    return url
-
-
-def _lost_creation_race(exc: BaseException) -> bool:
-    """Workers started together race to create the tables and the schema row; the loser
-    sees "already exists" or a duplicate key, and only needs to look again."""
-    if isinstance(exc, IntegrityError):
-        return True
-    text = str(exc).lower()
-    return isinstance(exc, SQLAlchemyError) and (
-        "already exists" in text or "database is locked" in text
-    )
-
-
 class ResultStore:
     """Evaluations in the database at ``url`` (created, with its tables, on first use).
 
@@ -291,43 +259,12 @@ class ResultStore:
 
     def __init__(self, url: str = DEFAULT_URL) -> None:
         self.url = str(url)
-        try:
-            parsed = make_url(self.url)
-        except ArgumentError as exc:
-            raise StorageError(f"cannot open storage {self.url!r}: not a database URL") from exc
-        # The URL as the user wrote it, unless it holds a password.
-        self._shown = parsed.render_as_string(hide_password=True) if parsed.password else self.url
-        kwargs: dict[str, Any] = {}
-        if parsed.get_backend_name() == "sqlite":
-            database = parsed.database or ""
-            if database in ("", ":memory:"):
-                # One shared connection, or every session would see its own empty database.
-                kwargs.update(poolclass=StaticPool, connect_args={"check_same_thread": False})
-            else:
-                if not database.startswith("file:"):
-                    try:
-                        Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-                    except OSError as exc:
-                        raise StorageError(
-                            f"cannot open storage {self._shown}: {exc.strerror or exc}"
-                        ) from exc
-                # Several workers may write one file: wait for the lock instead of failing.
-                kwargs["connect_args"] = {"timeout": 30}
-        elif parsed.get_backend_name() == "postgresql":
-            parsed = _postgres_driver(parsed)
-            if parsed.get_driver_name() in ("psycopg2", "psycopg"):
-                kwargs["connect_args"] = {"connect_timeout": 10}
-        try:
-            self._engine: Engine = create_engine(parsed, **kwargs)
-        except (NoSuchModuleError, ImportError) as exc:
-            raise StorageError(
-                f"cannot open storage {self._shown}: {_one_line(exc)} "
-                "(install the database driver, or name an installed one in the URL)"
-            ) from exc
-        except ArgumentError as exc:
-            raise StorageError(f"cannot open storage {self._shown}: {_one_line(exc)}") from exc
+        location = storage.locate(self.url)
+        self._shown = location.shown
+        self._engine: Engine = storage.create_engine(location)
         self._sessions = sessionmaker(self._engine, expire_on_commit=False)
-        self._init_schema()
+        storage.initialize(location, self._init_schema, on_failure=self._engine.dispose)
+        storage.write_ahead_log(self._engine, location)
 
     def __repr__(self) -> str:
         return f"ResultStore({self._shown!r})"
@@ -342,24 +279,8 @@ class ResultStore:
         self._engine.dispose()
 
     def _init_schema(self) -> None:
-        attempts = 5
-        for attempt in range(attempts):
-            try:
-                _Base.metadata.create_all(self._engine)
-                self._check_schema_row()
-                return
-            except StorageError as exc:
-                if not isinstance(exc.__cause__, SQLAlchemyError):  # e.g. a schema mismatch
-                    self._engine.dispose()
-                    raise
-                error: BaseException = exc.__cause__
-            except (SQLAlchemyError, OSError) as exc:
-                error = exc
-            if attempt + 1 < attempts and _lost_creation_race(error):
-                time.sleep(0.05 * (attempt + 1))
-                continue
-            self._engine.dispose()
-            raise StorageError(f"cannot open storage {self._shown}: {_one_line(error)}") from error
+        _Base.metadata.create_all(self._engine)
+        self._check_schema_row()
 
     def _check_schema_row(self) -> None:
         with self.session() as s:
@@ -382,7 +303,7 @@ class ResultStore:
             s.commit()
         except SQLAlchemyError as exc:
             s.rollback()
-            raise StorageError(f"storage {self._shown}: {_one_line(exc)}") from exc
+            raise StorageError(f"storage {self._shown}: {one_line(exc)}") from exc
         except BaseException:
             s.rollback()
             raise

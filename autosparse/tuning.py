@@ -30,6 +30,10 @@ from autosparse.results import EvalResult
 STRATEGIES = ("solve", "constrained")
 OBJECTIVES = ("task", "fidelity", "kl")
 SPEC_ATTR = "autosparse:spec"
+#: seconds between a running trial's heartbeats (open_storage)
+HEARTBEAT = 60
+#: a trial whose heartbeat is this many intervals old belongs to a dead worker
+GRACE_HEARTBEATS = 3
 #: fields of StudySpec that must match when a study is resumed or joined
 IDENTITY_FIELDS = (
     "model_id",
@@ -391,33 +395,100 @@ class Tuner:
         trials: int,
         timeout: float | None = None,
         on_trial: Callable[[TrialReport], None] | None = None,
+        on_status: Callable[[str], None] | None = None,
     ) -> int:
         """Run trials until the study holds ``trials`` finished ones (or ``timeout`` seconds
-        pass). Returns how many this worker ran. Several workers may share a study."""
+        pass). Returns how many this worker ran. Several workers may share a study.
+
+        Trials running on other workers count towards the target, as they will finish. When
+        only they stand between the study and its target, the worker waits for them, at
+        most the storage's grace period: a dead worker's trial (a crash, ``kill -9``) then
+        has a stale heartbeat, is failed, and its retry is run here. A live worker's trial
+        keeps its heartbeat fresh and is never failed."""
+        from optuna.storages import fail_stale_trials
         from optuna.trial import TrialState
 
-        done_states = (TrialState.COMPLETE, TrialState.PRUNED)
+        waiting = TrialState.WAITING
         start = time.monotonic()
+        deadline = None if timeout is None else start + timeout
         ran = 0
-        from optuna.storages import fail_stale_trials
-
         while True:
             # A dead worker's RUNNING trial must not count towards the target: fail it
             # now (its retry is queued) instead of waiting for the next trial request.
             fail_stale_trials(self.study)
-            states = (*done_states, TrialState.RUNNING)
-            if len(self.study.get_trials(deepcopy=False, states=states)) >= trials:
+            done, running = self._progress()
+            if done >= trials:
                 break
-            if timeout is not None and time.monotonic() - start >= timeout:
+            if deadline is not None and time.monotonic() >= deadline:
                 break
-            before = {t.number for t in self.study.get_trials(deepcopy=False)}
+            if done + len(running) >= trials:
+                if self._wait_for_running(running, deadline, on_status):
+                    continue
+                break
+            # (a queued trial, such as a dead worker's retry, is the one optimize runs next)
+            before = {t.number for t in self.study.get_trials(deepcopy=False) if t.state != waiting}
             self.study.optimize(self.objective, n_trials=1, catch=(), gc_after_trial=False)
             ran += 1
             if on_trial is not None:
-                new = [t for t in self.study.get_trials(deepcopy=False) if t.number not in before]
+                new = [
+                    t
+                    for t in self.study.get_trials(deepcopy=False)
+                    if t.number not in before and t.state.is_finished()
+                ]
                 if new:
                     on_trial(self.trial_report(new[-1]))
         return ran
+
+    def _progress(self) -> tuple[int, set[int]]:
+        """(finished trials, numbers of the RUNNING ones) of the study."""
+        from optuna.trial import TrialState
+
+        states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+        trials = self.study.get_trials(deepcopy=False, states=states)
+        running = {t.number for t in trials if t.state == TrialState.RUNNING}
+        return len(trials) - len(running), running
+
+    def _wait_for_running(
+        self,
+        numbers: set[int],
+        deadline: float | None,
+        on_status: Callable[[str], None] | None,
+    ) -> bool:
+        """Wait until one of the RUNNING trials ``numbers`` leaves that state (it finished,
+        or its heartbeat went stale and it was failed, its retry queued): True. False at
+        once without heartbeats, and after the grace period if they all still run: their
+        workers are alive and will finish them."""
+        from optuna.storages import fail_stale_trials
+
+        storage = self.study._storage
+        get_interval = getattr(storage, "get_heartbeat_interval", None)
+        interval = get_interval() if get_interval is not None else None
+        if not interval:
+            return False
+        # (a study wraps the RDB storage, which alone knows the grace period; Optuna's
+        # default is 2 intervals, so waiting 3 when it is unknown is never too short)
+        backend = getattr(storage, "_backend", storage)
+        grace = getattr(backend, "grace_period", None) or GRACE_HEARTBEATS * interval
+        # A dead worker's last heartbeat is no later than now, so it is stale once it is
+        # `grace` old (plus a second: SQLite keeps whole seconds) by the database's clock.
+        waited = grace + 2
+        limit = time.monotonic() + waited
+        if deadline is not None:
+            limit = min(limit, deadline)
+        if on_status is not None:
+            shown = ", ".join(f"#{n}" for n in sorted(numbers))
+            on_status(
+                f"waiting up to {waited:.0f} s for trial {shown}, running on another worker "
+                "or left by a dead one (then it is failed and run again)"
+            )
+        while True:
+            now = time.monotonic()
+            if now >= limit:
+                return False
+            time.sleep(min(float(interval), 5.0, limit - now))
+            fail_stale_trials(self.study)
+            if not numbers <= self._progress()[1]:
+                return True
 
     def trial_report(self, t) -> TrialReport:
         best = best_trial(self.study)
@@ -464,79 +535,37 @@ def finished_trials(study, *, select: str = "mean") -> list:
 # --------------------------------------------------------------------- storage
 
 
-def open_storage(url: str, *, heartbeat: int | None = 60):
-    """An Optuna RDB storage with heartbeats (a dead worker's trial is retried once).
-    Raises StorageError in one line when the database cannot be opened."""
+def open_storage(url: str, *, heartbeat: int | None = HEARTBEAT):
+    """An Optuna RDB storage opened through ``autosparse.storage`` (the result store's
+    rules: timeouts, driver, write-ahead log, creation races). With ``heartbeat`` seconds,
+    a running trial records a heartbeat that often, and one silent for ``3 * heartbeat``
+    seconds belongs to a dead worker: it is failed and rerun with the same parameters (up
+    to twice). Raises StorageError in one line when the database cannot be opened."""
     import optuna
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
-    try:
-        from sqlalchemy.engine import make_url
+    from autosparse import storage
 
-        parsed = make_url(url)
-    except Exception as exc:  # noqa: BLE001 - any parse failure is a bad URL
-        raise StorageError(f"cannot open storage {url!r}: not a database URL") from exc
-    engine_kwargs: dict[str, Any] = {}
-    if parsed.get_backend_name() == "sqlite":
-        db = parsed.database or ""
-        if db and db != ":memory:":
-            Path(db).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        engine_kwargs["connect_args"] = {"timeout": 60}
-    elif parsed.get_backend_name() == "postgresql":
-        engine_kwargs["connect_args"] = {"connect_timeout": 10}
-        import importlib.util
-
-        if parsed.drivername == "postgresql" and importlib.util.find_spec("psycopg") is None:
-            url = parsed.set(drivername="postgresql+psycopg2").render_as_string(hide_password=False)
+    location = storage.prepare(url)
     kw: dict[str, Any] = {}
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     if heartbeat:
         kw = {
             "heartbeat_interval": heartbeat,
-            "grace_period": 3 * heartbeat,
+            "grace_period": GRACE_HEARTBEATS * heartbeat,
             "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(max_retry=2),
         }
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    from sqlalchemy.exc import IntegrityError, ProgrammingError
 
-    error: Exception | None = None
-    for attempt in range(4):
+    def create() -> RDBStorage:
         try:
-            storage = RDBStorage(url, engine_kwargs=engine_kwargs, **kw)
-            if parsed.get_backend_name() == "sqlite" and parsed.database not in (
-                None,
-                "",
-                ":memory:",
-            ):
-                _write_ahead_log(storage.engine)
-            return storage
-        except (IntegrityError, ProgrammingError) as exc:
-            # Workers opening a new database together race to create Optuna's tables;
-            # the loser sees a duplicate-key or "already exists" error: try again.
-            error = exc
-            time.sleep(0.2 * (attempt + 1))
-        except Exception as exc:  # noqa: BLE001 - sqlalchemy/driver errors of many kinds
-            error = exc
-            break
-    shown = parsed.render_as_string(hide_password=True)
-    first = str(getattr(error, "orig", None) or error).strip().splitlines()
-    raise StorageError(
-        f"cannot open storage {shown}: {first[0] if first else type(error).__name__}"
-    ) from error
+            return RDBStorage(location.rendered(), engine_kwargs=location.engine_kwargs(), **kw)
+        except RuntimeError as exc:  # Optuna's tables are of another schema version
+            raise location.error(exc) from exc
 
-
-def _write_ahead_log(engine) -> None:
-    """Put a SQLite study database in write-ahead-log mode (a property of the file):
-    a commit then syncs one log append instead of a rollback journal and the database,
-    which is most of a trial's storage time, and workers on the same machine read
-    while another writes. Durability is unchanged (synchronous stays FULL)."""
-    from sqlalchemy.exc import OperationalError
-
-    try:
-        with engine.connect() as conn:
-            conn.exec_driver_sql("PRAGMA journal_mode=WAL")
-    except OperationalError:  # another worker holds a lock: it sets the same mode
-        pass
+    rdb = storage.initialize(location, create)
+    storage.write_ahead_log(rdb.engine, location)
+    return rdb
 
 
 def load_existing(storage, name: str):

@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from autosparse.errors import ConfigError, StorageError
+from autosparse.storage import sqlite_file
 from autosparse.tuning import (
+    HEARTBEAT,
     SPEC_ATTR,
     StudySpec,
     Tuner,
@@ -75,6 +77,7 @@ def run_tune(
     on_status: StatusCallback | None = None,
     on_trial: TrialCallback | None = None,
     progress: bool = False,
+    heartbeat: int = HEARTBEAT,
 ) -> TuneOutcome:
     """Create or resume the study and run trials. Everything that can be checked without
     running a model (storage, task, the study's spec) is checked before anything is written.
@@ -93,10 +96,10 @@ def run_tune(
     url = _study_storage(name, storage)
     _, task_obj = load_task(canonical_name(spec.task))  # an unknown task fails before any write
     # A new SQLite file is only created once every check has passed.
-    new_file = _sqlite_file(url)
+    new_file = sqlite_file(url)
     optuna_storage = None
     if new_file is None or new_file.exists():
-        optuna_storage = open_storage(url)
+        optuna_storage = open_storage(url, heartbeat=heartbeat)
         existing = load_existing(optuna_storage, name)
         if existing is not None:
             check_spec(existing, spec)
@@ -136,7 +139,7 @@ def run_tune(
     screen = sorted(random.Random(spec.seed).sample(pool, spec.screen))
 
     if optuna_storage is None:
-        optuna_storage = open_storage(url)
+        optuna_storage = open_storage(url, heartbeat=heartbeat)
     study = create_or_resume(optuna_storage, name, spec)
     store = ResultStore(url)
     evaluator = make_evaluator(
@@ -178,7 +181,10 @@ def run_tune(
         say(f"enqueued {len(hits)} reference grid points")
     metric = evaluator.metric
     ran = tuner.run(
-        trials, timeout, on_trial=None if on_trial is None else lambda r: on_trial(r, metric)
+        trials,
+        timeout,
+        on_trial=None if on_trial is None else lambda r: on_trial(r, metric),
+        on_status=say,
     )
     best = tuner.trial_report(study.trials[-1]) if study.trials else None
     summary = (
@@ -203,19 +209,6 @@ def _load_quietly(model: str, device: str, dtype: str):
 
     hf_logging.disable_progress_bar()  # the workflow prints its own status lines
     return load_model(model, device=device, dtype=dtype)
-
-
-def _sqlite_file(url: str) -> Path | None:
-    """The database file of a SQLite URL (None for other databases or in-memory)."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        parsed = make_url(url)
-    except Exception:  # noqa: BLE001 - open_storage reports bad URLs
-        return None
-    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
-        return None
-    return Path(parsed.database)
 
 
 def _fmt(x) -> str:
@@ -316,13 +309,14 @@ def list_studies(storage: str | None = None) -> list[tuple]:
     rows = []
     for url in urls:
         try:
-            summaries = optuna.get_all_study_names(storage=open_storage(url, heartbeat=None))
+            opened = open_storage(url, heartbeat=None)
+            summaries = optuna.get_all_study_names(storage=opened)
         except StorageError:
             raise
         except Exception:  # noqa: BLE001 - a database without Optuna tables
             continue
         for name in summaries:
-            study = optuna.load_study(study_name=name, storage=url)
+            study = optuna.load_study(study_name=name, storage=opened)
             spec = study.user_attrs.get(SPEC_ATTR, {})
             best = best_trial(study)
             rows.append(

@@ -57,9 +57,10 @@ def url(request, tmp_path):
     from sqlalchemy import create_engine
     from sqlalchemy.engine import make_url
 
-    from autosparse.store import _Base, _postgres_driver
+    from autosparse.storage import postgres_driver
+    from autosparse.store import _Base
 
-    engine = create_engine(_postgres_driver(make_url(pg)))
+    engine = create_engine(postgres_driver(make_url(pg)))
     _Base.metadata.drop_all(engine)
     engine.dispose()
 

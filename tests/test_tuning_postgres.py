@@ -178,9 +178,9 @@ def study_url(request, tmp_path):
     return request.getfixturevalue("postgres_database")
 
 
-def _kill_a_worker_mid_trial(url: str, tmp_path: Path, target: int):
+def _kill_a_worker_mid_trial(url: str, tmp_path: Path, target: int, *, stale: bool = True):
     """A worker killed inside the evaluator in the study's first trial; that trial's
-    snapshot. Returns once the heartbeat's grace period has passed."""
+    snapshot. Returns once the heartbeat's grace period has passed, or at once."""
     make_tuner_at(url, heartbeat=HEARTBEAT)  # the study and its baselines
     ready = tmp_path / "ready"
     ready.mkdir()
@@ -196,7 +196,8 @@ def _kill_a_worker_mid_trial(url: str, tmp_path: Path, target: int):
     victim = study.trials[victim.number]
     assert victim.state == TrialState.RUNNING
     assert set(victim.params) == {"w_sum", "top_k"}
-    _wait_until_stale(url, victim.number)
+    if stale:
+        _wait_until_stale(url, victim.number)
     return victim
 
 
@@ -252,3 +253,56 @@ def test_a_killed_worker_s_last_trial_is_retried(tmp_path):
     trials = tuner.study.trials
     assert tuner.study.trials[victim.number].state == TrialState.FAIL
     assert sum(t.state in DONE for t in trials) == target
+
+
+def test_a_rerun_right_after_a_kill_reaches_its_target(study_url, tmp_path):
+    """The killed trial still has a fresh heartbeat when the rerun starts: the rerun runs
+    what it can, waits for that trial to go stale, fails it and runs its retry."""
+    url, target = study_url, 2
+    victim = _kill_a_worker_mid_trial(url, tmp_path, target, stale=False)
+    tuner = make_tuner_at(url, heartbeat=HEARTBEAT)
+    reported: list[int] = []
+    ran = tuner.run(trials=target, on_trial=lambda r: reported.append(r.number))
+
+    trials = tuner.study.trials
+    assert sum(t.state in DONE for t in trials) == target
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    assert [t.number for t in trials if t.state == TrialState.FAIL] == [victim.number]
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == victim.number]
+    assert len(retries) == 1 and retries[0].params == victim.params
+    assert ran == target
+    # Each trial this worker ran is reported, the retry included.
+    assert reported == [t.number for t in trials if t.state in DONE]
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used:UserWarning")
+def test_a_live_worker_s_trial_is_waited_for_but_never_failed(tmp_path):
+    """A trial whose heartbeat stays fresh (its worker is alive, on another machine say)
+    counts towards the target: the worker waits at most the grace period for it, then
+    stops without failing it."""
+    import threading
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    tuner = make_tuner_at(url, heartbeat=HEARTBEAT)
+    tuner.run(trials=1)
+    storage = tuner.study._storage
+    other = tuner.study.ask()  # the other worker's trial
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.is_set():
+            storage.record_heartbeat(other._trial_id)
+            stop.wait(0.2)
+
+    beating = threading.Thread(target=beat)
+    beating.start()
+    said: list[str] = []
+    try:
+        ran = tuner.run(trials=2, on_status=said.append)
+        state = tuner.study.trials[other.number].state
+    finally:
+        stop.set()
+        beating.join()
+    assert ran == 0 and state == TrialState.RUNNING
+    assert len(said) == 1 and f"trial #{other.number}" in said[0]
+    assert sum(t.state in DONE for t in tuner.study.trials) == 1

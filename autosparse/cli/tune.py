@@ -14,6 +14,7 @@ from autosparse.cli.base import (
     model_options,
 )
 from autosparse.cli.base import console as make_console
+from autosparse.tuning import HEARTBEAT
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_TASK = "csqa-local"
@@ -168,6 +169,14 @@ def study_options(f):
     help="Cap generated tokens per sample (generation tasks).",
 )
 @click.option("--no-prune", is_flag=True, help="Evaluate every trial on the whole screen.")
+@click.option(
+    "--heartbeat",
+    type=click.IntRange(1),
+    default=HEARTBEAT,
+    show_default=True,
+    help="Seconds between a running trial's heartbeats. A trial silent for 3 heartbeats "
+    "belongs to a dead worker and is run again; give every worker of a study the same value.",
+)
 @mode_option
 def tune_command(**opts):
     """Tune the levels parameters against a goal mean keep ratio.
@@ -238,6 +247,7 @@ def tune_command(**opts):
         on_status=_status_printer(console),
         on_trial=_trial_printer(console),
         progress=True,
+        heartbeat=o["heartbeat"],
     )
     console.print(outcome.summary)
 
