@@ -202,9 +202,12 @@ def run_tune(
     reference_calibration: bool = False,
     enqueue_reference: bool = False,
     console=None,
+    loaded=None,
 ) -> TuneOutcome:
     """Create or resume the study and run trials. Everything that can be checked without
-    running a model (storage, task, the study's spec) is checked before anything is written."""
+    running a model (storage, task, the study's spec) is checked before anything is written.
+    ``loaded``: the model already loaded (``models.load_model``), e.g. by a sweep that tunes
+    several studies; by default it is loaded here."""
     from autosparse.calibration import load_or_collect
     from autosparse.levels import LevelsIndex
     from autosparse.store import ResultStore
@@ -224,8 +227,9 @@ def run_tune(
         existing = load_existing(optuna_storage, name)
         if existing is not None:
             check_spec(existing, spec)
-    say(f"loading {spec.model}")
-    loaded = _load_quietly(spec.model, device, dtype)
+    if loaded is None:
+        say(f"loading {spec.model}")
+        loaded = _load_quietly(spec.model, device, dtype)
     from autosparse.adapters import adapter_for
     from autosparse.engine.config import resolve_layers
 
