@@ -208,42 +208,58 @@ def iso_quality(
 
 
 def iso_sentence(iso: IsoQuality, curve: str, reference: str) -> str:
-    """One sentence stating where ``curve`` reaches ``reference``'s quality."""
-    at_most = "≤" if iso.share_below > 0 else ""
+    """One sentence stating where ``curve`` reaches ``reference``'s quality, how sure that
+    is, and the saving against the reference's realized density."""
 
-    def fmt(v: float | None, lower_end: bool = False) -> str:
+    def where(v: float | None) -> str:
         if v is None:
             return "not reached"
-        return f"{at_most if lower_end and v <= iso.lowest else ''}{v:.3f}"
+        # a resample that reached the target at the lowest point crossed there or lower
+        return f"{'≤' if iso.share_below > 0 and v <= iso.lowest else ''}{v:.3f}"
+
+    def saving(v: float | None) -> str:
+        if v is None:  # the crossing lies beyond the highest swept density
+            s = iso.saving(iso.highest)
+            return "—" if s is None else f"< {s:+.0%}"
+        s = iso.saving(v)
+        return "—" if s is None else f"{s:+.0%}"
 
     spread = (
-        f"median {fmt(iso.median, True)}, {iso.level:.0%} interval "
-        f"[{fmt(iso.low, True)}, {fmt(iso.high)}] over {iso.n_boot} resamples of the documents"
+        f"median {where(iso.median)}, {iso.level:.0%} interval [{where(iso.low)}, "
+        f"{where(iso.high)}] over {iso.n_boot} resamples of the documents"
     )
+    target = f"{reference}'s quality ({iso.target:.4g})"
     if iso.status == NOT_REACHED:
         return (
-            f"{curve} does not reach {reference}'s quality ({iso.target:.4g}): not reached "
-            f"within the swept goals (highest realized density {iso.highest:.3f}; {spread})."
+            f"{curve} does not reach {target}: not reached within the swept goals (highest "
+            f"realized density {iso.highest:.3f}; {spread})."
         )
-    ref = (
+    against = (
         ""
         if iso.reference_density is None
-        else f" against {reference}'s realized density {iso.reference_density:.3f}"
+        else f", against {iso.reference_density:.3f} for {reference}"
     )
-    saving = iso.saving(iso.density)
-    lo, hi = iso.saving(iso.high), iso.saving(iso.low)
-    pct = "" if saving is None else f": {saving:.0%} fewer neurons"
-    if saving is not None:
-        pct += f" [{'—' if lo is None else f'{lo:.0%}'}, {'—' if hi is None else f'{hi:.0%}'}]"
     if iso.status == BELOW:
+        least = (
+            ""
+            if iso.reference_density is None
+            else f": saving at least {saving(iso.density)} of the neurons"
+        )
         return (
-            f"{curve} already reaches {reference}'s quality ({iso.target:.4g}) at the lowest "
-            f"swept goal, realized density {iso.density:.3f}{ref}{pct} at least; sweep lower "
-            f"goals to find the crossing ({spread})."
+            f"{curve} already reaches {target} at the lowest swept goal (realized density "
+            f"{iso.density:.3f}{against}){least}; sweep lower goals to find the crossing "
+            f"({spread})."
+        )
+    fewer = ""
+    if iso.reference_density is not None:
+        more = (iso.saving(iso.density) or 0.0) < 0
+        fewer = (
+            f": saving {saving(iso.density)} of the neurons [{saving(iso.high)}, "
+            f"{saving(iso.low)}]" + (f" (negative: more neurons than {reference})" if more else "")
         )
     return (
-        f"{curve} reaches {reference}'s quality ({iso.target:.4g}) at realized density "
-        f"{iso.density:.3f}{ref}{pct} ({spread})."
+        f"{curve} reaches {target} at realized density {iso.density:.3f} ({spread}"
+        f"{against}){fewer}."
     )
 
 
@@ -269,12 +285,14 @@ class SweepPoint:
         return 1.0 if self.row.density is None else float(self.row.density)
 
     def to_dict(self) -> dict[str, Any]:
+        row = self.row.to_dict()
+        row["method_name"] = row.pop("method")  # dense, coreinfer or levels
         return {
             "goal": self.goal,
             "method": self.series,
             "study": self.study,
             "quality": self.quality,
-            **self.row.to_dict(),
+            **row,
         }
 
 
@@ -848,7 +866,7 @@ def plot(sweep: Sweep, path: str | Path) -> Path:
             label=f"{sweep.reference} ({ref.quality:.3g})",
         )
         iso = sweep.iso.get(HEADLINE)
-        if iso is not None and iso.density is not None:
+        if iso is not None and iso.status == CROSSED:
             ax.axvline(iso.density, color="tab:blue", linestyle="--", linewidth=1)
             if iso.low is not None:
                 high = iso.high if iso.high is not None else ax.get_xlim()[1]
