@@ -118,6 +118,69 @@ def test_goals_are_parsed_and_checked():
             parse_goals(bad)
 
 
+# ------------------------------------------------------------------ the points, no model
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_points_of_a_sweep_with_a_stand_in_evaluator(tmp_path):
+    """Two studies (goals 0.3 and 0.5) tuned with the stand-in evaluator of test_tuning;
+    the reference keep 0.4 is not a goal, so it is a point of its own."""
+    import optuna
+    from test_tuning import FakeEvaluator, FakeLevels
+
+    from autosparse.sweep import TUNED_AVG, TUNED_BEST, _evaluate, to_json, write_sweep
+    from autosparse.tuning import StudySpec, Tuner, create_or_resume
+
+    storage = optuna.storages.InMemoryStorage()
+    studies = {}
+    for goal in (0.3, 0.5):
+        spec = StudySpec(
+            model="fake", model_id="fake-id", task="fake", screen=16, goal=goal, prune=False
+        )
+        study = create_or_resume(storage, f"fake-g{goal:g}", spec)
+        tuner = Tuner(study, spec, FakeEvaluator(), FakeLevels())
+        tuner.prepare(list(range(100, 116)))
+        tuner.run(trials=4)
+        studies[goal] = (study, spec)
+    evaluator = FakeEvaluator(n_docs=200)
+    ids = list(range(0, 60))
+    sweep = _evaluate(
+        "fake-sweep",
+        studies[0.3][1],
+        [0.3, 0.5],
+        studies,
+        evaluator,
+        ids,
+        top_k=3,
+        select="mean",
+        mode="masked",
+        n_boot=300,
+        say=lambda _: None,
+    )
+    assert evaluator.calls[0] == ("prepare", tuple(ids))  # held-out requests built once
+    runs = [c for c in evaluator.calls if c[0] != "prepare"]
+    assert all(c[1] == tuple(ids) for c in runs)
+    # reference, dense, and per goal: CoreInfer, best trial, AVG
+    assert [c[0] for c in runs] == ["coreinfer", "dense"] + ["coreinfer", "levels", "levels"] * 2
+    methods = [(p.goal, p.series) for p in sweep.points]
+    assert methods[:2] == [(None, "dense"), (None, "coreinfer")]
+    assert sweep.reference_point.goal is None and sweep.reference_point.row.keep == 0.4
+    assert [p.row.keep for p in sweep.series("coreinfer")] == [0.3, 0.5]
+    avg = sweep.series(TUNED_AVG)
+    assert [p.row.label for p in avg] == ["AVG of top 3"] * 2
+    assert [p.row.label.startswith("trial #") for p in sweep.series(TUNED_BEST)] == [True] * 2
+    # the stand-in scores keep - (w_sum - 0.3)^2 + noise: the reference's 0.4 lies between
+    # the goals, and its density is 0.9 x keep, so the crossing lies between 0.27 and 0.45
+    iso = sweep.iso[TUNED_AVG]
+    assert iso.status == "crossed" and 0.27 < iso.density < 0.45
+    assert iso.reference_density == pytest.approx(0.36)
+    md, js, png = write_sweep(sweep, tmp_path / "out")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    points = json.loads(js.read_text())["points"]
+    assert points == to_json(sweep)["points"] and len(points) == 2 + 3 * 2
+    assert "| — | CoreInfer | CoreInfer keep=0.4 |" in md.read_text()
+
+
 # ------------------------------------------------------------------ end to end
 
 needs_data = pytest.mark.skipif(
