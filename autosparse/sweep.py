@@ -9,9 +9,9 @@ tuned curve reaches the quality of CoreInfer at the baseline keep (linear interp
 with a bootstrap over documents for its uncertainty (``iso_quality``, a pure function).
 
 Every evaluation is cached in one result store for the sweep (``studies/NAME/results.db``
-by default, or the ``--storage`` database), so a rerun recomputes nothing; evaluations a
-``finalize`` of one of the studies already stored in the study's own database are reused
-from there too.
+by default, or the ``--storage`` database), so a rerun recomputes nothing. An evaluation
+missing there is also looked up in each study's own database, where ``finalize`` stores
+its evaluations.
 """
 
 from __future__ import annotations
@@ -341,6 +341,7 @@ def parse_goals(text: str) -> list[float]:
 
 
 def check_goals(goals: Sequence[float]) -> list[float]:
+    """``goals`` sorted without repeats; ConfigError unless at least two, all in (0, 1]."""
     goals = sorted({float(g) for g in goals})
     if len(goals) < 2:
         raise ConfigError("a sweep needs at least two distinct goals (e.g. --goals 0.3,0.4,0.5)")

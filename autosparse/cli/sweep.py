@@ -15,6 +15,7 @@ from autosparse.cli.tune import (
     study_spec,
     tune_command,
 )
+from autosparse.sweep import DEFAULT_GOALS
 
 #: tune's options a sweep does not take (it sets the goal and names each study itself) or
 #: defines for itself
@@ -26,7 +27,7 @@ _FROM_FINALIZE = {"limit", "full", "select", "as_json"}
 @click.command("sweep")
 @click.option(
     "--goals",
-    default="0.3,0.4,0.5,0.6",
+    default=",".join(f"{g:g}" for g in DEFAULT_GOALS),
     show_default=True,
     help="Goal mean keep ratios, separated by commas: one study per goal.",
 )
