@@ -78,11 +78,14 @@ def run_tune(
     on_trial: TrialCallback | None = None,
     progress: bool = False,
     heartbeat: int = HEARTBEAT,
+    loaded=None,
 ) -> TuneOutcome:
     """Create or resume the study and run trials. Everything that can be checked without
     running a model (storage, task, the study's spec) is checked before anything is written.
     ``on_status`` receives status lines, ``on_trial`` every trial this worker finished;
-    ``progress`` draws progress bars on stderr."""
+    ``progress`` draws progress bars on stderr. ``loaded``: the model already loaded
+    (``models.load_model``), e.g. by a sweep that tunes several studies; by default it is
+    loaded here."""
     from autosparse.calibration import CalibrationChoice, calibration_stats, choose_calibration
     from autosparse.levels import LevelsIndex
     from autosparse.store import ResultStore
@@ -103,8 +106,9 @@ def run_tune(
         existing = load_existing(optuna_storage, name)
         if existing is not None:
             check_spec(existing, spec)
-    say(f"loading {spec.model}")
-    loaded = _load_quietly(spec.model, device, dtype)
+    if loaded is None:
+        say(f"loading {spec.model}")
+        loaded = _load_quietly(spec.model, device, dtype)
     from autosparse.adapters import adapter_for
     from autosparse.engine.config import resolve_layers
 

@@ -28,7 +28,7 @@ def main() -> None:
 def _register() -> None:
     import importlib
 
-    for name in ("generate", "levels", "evaluate", "tune"):
+    for name in ("generate", "levels", "evaluate", "tune", "sweep"):
         try:
             module = importlib.import_module(f"autosparse.cli.{name}")
         except ModuleNotFoundError as exc:  # a command module not written yet

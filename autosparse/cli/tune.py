@@ -39,6 +39,52 @@ def study_options(f):
     return f
 
 
+def study_spec(o: dict):
+    """The StudySpec that tune's options ``o`` describe. Fills in ``o`` the defaults that
+    depend on the model and task (the embedded default study's sizes or the reference's):
+    trials, screen, calibration, num_fewshot."""
+    from autosparse.models import model_identity
+    from autosparse.tuning import StudySpec
+
+    if o["goal"] is None and o["goal_from_baseline"] is None:
+        o["goal"] = 0.4  # the reference's goal for Llama-3.2-3B, and CoreInfer's keep
+    embedded = o["model"] == DEFAULT_MODEL and o["task"] == DEFAULT_TASK
+    for key, value in (EMBEDDED if embedded else REFERENCE).items():
+        if o[key] is None:
+            o[key] = value
+    try:
+        top_k_choices = tuple(int(x) for x in o["top_k_choices"].split(","))
+    except ValueError:
+        from autosparse.errors import ConfigError
+
+        raise ConfigError(
+            f"--top-k-choices must be integers separated by commas, not {o['top_k_choices']!r}"
+        ) from None
+    spec = StudySpec(
+        model=o["model"],
+        model_id="",
+        task=o["task"],
+        goal=o["goal"],
+        goal_from_baseline=o["goal_from_baseline"],
+        screen=o["screen"],
+        seed=o["seed"],
+        layers=o["layers"],
+        baseline_keep=o["baseline_keep"],
+        token_ratio=o["token_ratio"],
+        strategy=o["strategy"],
+        tolerance=o["tolerance"],
+        metric=o["metric"],
+        num_fewshot=o["num_fewshot"],
+        calibration=o["calibration"],
+        top_k_choices=top_k_choices,
+        prune=not o["no_prune"],
+        objective=o["objective"],
+    )
+    from dataclasses import replace
+
+    return replace(spec, model_id=model_identity(o["model"]))
+
+
 @click.command("tune")
 @model_options
 @click.option(
@@ -187,48 +233,10 @@ def tune_command(**opts):
     With no options it runs a small real study offline (SmolLM2-135M, CommonsenseQA).
     """
 
-    from autosparse.models import model_identity
-    from autosparse.tuning import StudySpec
     from autosparse.workflow import run_tune
 
     o = opts
-    if o["goal"] is None and o["goal_from_baseline"] is None:
-        o["goal"] = 0.4  # the reference's goal for Llama-3.2-3B, and CoreInfer's keep
-    embedded = o["model"] == DEFAULT_MODEL and o["task"] == DEFAULT_TASK
-    for key, value in (EMBEDDED if embedded else REFERENCE).items():
-        if o[key] is None:
-            o[key] = value
-    try:
-        top_k_choices = tuple(int(x) for x in o["top_k_choices"].split(","))
-    except ValueError:
-        from autosparse.errors import ConfigError
-
-        raise ConfigError(
-            f"--top-k-choices must be integers separated by commas, not {o['top_k_choices']!r}"
-        ) from None
-    spec = StudySpec(
-        model=o["model"],
-        model_id="",
-        task=o["task"],
-        goal=o["goal"],
-        goal_from_baseline=o["goal_from_baseline"],
-        screen=o["screen"],
-        seed=o["seed"],
-        layers=o["layers"],
-        baseline_keep=o["baseline_keep"],
-        token_ratio=o["token_ratio"],
-        strategy=o["strategy"],
-        tolerance=o["tolerance"],
-        metric=o["metric"],
-        num_fewshot=o["num_fewshot"],
-        calibration=o["calibration"],
-        top_k_choices=top_k_choices,
-        prune=not o["no_prune"],
-        objective=o["objective"],
-    )
-    from dataclasses import replace
-
-    spec = replace(spec, model_id=model_identity(o["model"]))
+    spec = study_spec(o)
     console = make_console()
     outcome = run_tune(
         spec,
