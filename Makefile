@@ -44,7 +44,8 @@ test: install
 	$(VENV)/bin/python -m pytest -q
 
 lint: install
-	$(VENV)/bin/ruff check autosparse tests benchmarks
+	$(VENV)/bin/ruff check autosparse tests benchmarks examples docs
+	$(VENV)/bin/ruff format --check autosparse tests benchmarks examples docs
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -31,7 +31,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from autosparse.engine.config import layer_range_text
 from autosparse.errors import AutosparseError, ConfigError, StorageError
+from autosparse.progress import progress_bar
+from autosparse.results import package_versions
 
 if TYPE_CHECKING:
     import torch
@@ -94,7 +97,7 @@ class CalibrationStats:
         missing = [i for i in layers if i not in where]
         if missing:
             raise ConfigError(
-                f"calibration statistics cover layers {_describe(self.layers)}, not {missing}; "
+                f"calibration statistics cover layers {layer_range_text(self.layers) or list(self.layers)}, not {missing}; "
                 "calibrate those layers (or all of them) again"
             )
         pick = [where[i] for i in layers]
@@ -156,16 +159,6 @@ class CalibrationStats:
             sample_ids=tuple(int(i) for i in ids),
             meta=meta,
         )
-
-
-def _describe(layers: Sequence[int]) -> str:
-    layers = list(layers)
-    if layers and layers == list(range(layers[0], layers[-1] + 1)):
-        return f"{layers[0]}:{layers[-1] + 1}"
-    return str(layers)
-
-
-# --------------------------------------------------------------------------- the pass
 
 
 def positive_stats(acts: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -270,7 +263,7 @@ def collect_stats(
         for j, layer_idx in enumerate(chosen):
             removers.append(adapter.capture_activations(decoder[layer_idx], make_hook(j)))
         model.eval()
-        with torch.no_grad(), _progress_bar(progress, n_prompts) as advance:
+        with torch.no_grad(), progress_bar(progress, "calibrating (dense pass)", n_prompts) as advance:
             for rows in batches:
                 seq = max(len(encoded[i]) for i in rows)
                 input_ids = torch.zeros(len(rows), seq, dtype=torch.long)
@@ -314,7 +307,7 @@ def collect_stats(
         "max_tokens": max_tokens,
         "batch_size": batch_size,
         "seconds": round(time.perf_counter() - started, 3),
-        "versions": _versions(),
+        "versions": package_versions(("autosparse", "torch", "transformers")),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     return CalibrationStats(
@@ -325,47 +318,6 @@ def collect_stats(
         sample_ids=sample_ids,
         meta={**info, **(meta or {})},
     )
-
-
-class _progress_bar:
-    """A rich progress bar on stderr counting prompts, or nothing."""
-
-    def __init__(self, enabled: bool, total: int) -> None:
-        self.enabled, self.total, self.progress = enabled, total, None
-
-    def __enter__(self) -> Callable[[int], None]:
-        if not self.enabled:
-            return lambda n: None
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
-        self.progress = Progress(
-            "[progress.description]{task.description}",
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=Console(stderr=True),
-            transient=True,
-        )
-        self.progress.__enter__()
-        task = self.progress.add_task("calibrating (dense pass)", total=self.total)
-        return lambda n: self.progress.advance(task, n)
-
-    def __exit__(self, *exc) -> None:
-        if self.progress is not None:
-            self.progress.__exit__(*exc)
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in ("autosparse", "torch", "transformers"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return out
 
 
 # --------------------------------------------------------------------------- the cache

@@ -23,3 +23,12 @@ class TaskError(AutosparseError):
 
 class StorageError(AutosparseError):
     """A study or result store could not be opened or is inconsistent."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, for one-line errors: a database error's
+    driver message (SQLAlchemy keeps it as ``orig``), trailing punctuation dropped; the
+    exception's type name when it has no message."""
+    inner = getattr(exc, "orig", None) or exc
+    text = str(inner).strip()
+    return text.splitlines()[0].strip().rstrip(" .:") if text else type(inner).__name__

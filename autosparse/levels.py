@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from autosparse.engine.config import layer_range_text
 from autosparse.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -95,13 +96,6 @@ class LevelsResult:
     def layer_range(self) -> str | None:
         """``"START:STOP"`` when the layers are contiguous, else None."""
         return layer_range_text(self.layers)
-
-
-def layer_range_text(layers: Sequence[int]) -> str | None:
-    layers = list(layers)
-    if layers and layers == list(range(layers[0], layers[-1] + 1)):
-        return f"{layers[0]}:{layers[-1] + 1}"
-    return None
 
 
 def check_setting(w_sum: float, w_count: float, threshold: float, top_k: int) -> None:

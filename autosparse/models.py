@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from autosparse.errors import ConfigError, ModelNotFoundError
+from autosparse.errors import ConfigError, ModelNotFoundError, first_line
 
 if TYPE_CHECKING:
     import torch
@@ -334,7 +334,7 @@ def _resolve_source(name: str) -> str:
 
 
 def _not_found(name: str, source: str, exc: BaseException) -> ModelNotFoundError:
-    reason = _first_line(exc)
+    reason = first_line(exc)
     if Path(source).is_dir():
         return ModelNotFoundError(f"cannot load model folder {source!r}: {reason}")
     import huggingface_hub
@@ -346,11 +346,6 @@ def _not_found(name: str, source: str, exc: BaseException) -> ModelNotFoundError
         f"run `hf download {source}` on a machine with network (gated models such as Llama need "
         "`hf auth login` first), or pass a local folder"
     )
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0].rstrip(" .:") if text else type(exc).__name__
 
 
 def _load_tokenizer(name: str, source: str):
@@ -436,7 +431,7 @@ def _cache_temp_dir(parent: Path, prefix: str) -> Path:
         return Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     except OSError as exc:
         raise ConfigError(
-            f"cannot write the model cache {parent} ({_first_line(exc)}): "
+            f"cannot write the model cache {parent} ({first_line(exc)}): "
             "set AUTOSPARSE_CACHE to a writable folder"
         ) from None
 
@@ -477,7 +472,7 @@ def _write_converted(gguf_path: Path, folder: Path) -> None:
         )
         tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     except (OSError, ValueError, KeyError, ImportError) as exc:
-        raise ModelNotFoundError(f"cannot read {gguf_path}: {_first_line(exc)}") from None
+        raise ModelNotFoundError(f"cannot read {gguf_path}: {first_line(exc)}") from None
 
     # A GGUF-loaded model refuses save_pretrained: hand its (dequantized) weights to a
     # plain model built from the same config. The plain model is built without storage

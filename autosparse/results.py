@@ -59,3 +59,19 @@ class Reference:
     top_ids: np.ndarray
     top_logprobs: np.ndarray
     dense_fidelity: float
+
+
+def package_versions(
+    names: tuple[str, ...] = ("autosparse", "torch", "transformers", "lm_eval"),
+) -> dict[str, str]:
+    """The installed versions of ``names`` (from package metadata, so nothing is imported);
+    a package that is not installed is left out."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in names:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out

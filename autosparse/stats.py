@@ -117,6 +117,11 @@ def power_factor(level: float = 0.95, power: float = POWER) -> float:
     return z.inv_cdf(1.0 - (1.0 - level) / 2.0) + z.inv_cdf(power)
 
 
+def mean(xs: Sequence[float]) -> float:
+    """The plain mean of ``xs``; NaN for an empty sequence."""
+    return float(sum(xs) / len(xs)) if xs else float("nan")
+
+
 def mean_and_stderr(scores: Sequence[float]) -> tuple[float, float]:
     """Mean and standard error of the mean (sample std with ddof=1 over sqrt(n)).
 

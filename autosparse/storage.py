@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from autosparse.errors import StorageError
+from autosparse.errors import StorageError, first_line
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import URL, Engine
@@ -91,16 +91,9 @@ class Location:
 
     def error(self, exc: BaseException, hint: str = "") -> StorageError:
         """A one-line StorageError about this URL, caused by ``exc``."""
-        error = StorageError(f"cannot open storage {self.shown}: {one_line(exc)}{hint}")
+        error = StorageError(f"cannot open storage {self.shown}: {first_line(exc)}{hint}")
         error.__cause__ = exc
         return error
-
-
-def one_line(exc: BaseException) -> str:
-    """The first line of a (database driver's) error message."""
-    inner = getattr(exc, "orig", None) or exc
-    text = str(inner).strip() or type(inner).__name__
-    return text.splitlines()[0].strip()
 
 
 def postgres_driver(url: URL) -> URL:

@@ -53,9 +53,8 @@ from sqlalchemy.exc import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from autosparse import storage
-from autosparse.errors import StorageError
+from autosparse.errors import StorageError, first_line
 from autosparse.results import EvalResult, Reference
-from autosparse.storage import one_line
 
 DEFAULT_URL = "sqlite:///studies/autosparse.db"
 SCHEMA_VERSION = 1
@@ -303,7 +302,7 @@ class ResultStore:
             s.commit()
         except SQLAlchemyError as exc:
             s.rollback()
-            raise StorageError(f"storage {self._shown}: {one_line(exc)}") from exc
+            raise StorageError(f"storage {self._shown}: {first_line(exc)}") from exc
         except BaseException:
             s.rollback()
             raise

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 from autosparse.errors import ConfigError, StorageError
 from autosparse.methods import Method
 from autosparse.results import EvalResult
+from autosparse.stats import mean
 
 STRATEGIES = ("solve", "constrained")
 OBJECTIVES = ("task", "fidelity", "kl")
@@ -188,16 +189,12 @@ class Baseline:
         return cls(
             label,
             r.method,
-            _mean(r.sample_scores),
+            mean(r.sample_scores),
             list(r.sample_ids),
             list(r.sample_scores),
             r.density,
             r.seconds,
         )
-
-
-def _mean(xs: Sequence[float]) -> float:
-    return float(sum(xs) / len(xs)) if xs else float("nan")
 
 
 def clamp_levels(levels: Sequence[float]) -> list[float]:
@@ -313,7 +310,7 @@ class Tuner:
             lo, hi = spec.threshold_range
             threshold = trial.suggest_float("threshold", lo, hi, step=0.01)
             levels = self.levels.levels(w_sum, w_count, threshold, int(top_k))
-            violation = abs(_mean(clamp_levels(levels)) - self.goal) - spec.tolerance
+            violation = abs(mean(clamp_levels(levels)) - self.goal) - spec.tolerance
         params = {
             "w_sum": w_sum,
             "w_count": w_count,
@@ -329,7 +326,7 @@ class Tuner:
 
         t0 = time.perf_counter()
         params, levels, violation = self.sample(trial)
-        achieved = _mean(levels)
+        achieved = mean(levels)
         trial.set_user_attr("params", params)
         trial.set_user_attr("levels", levels)
         trial.set_user_attr("achieved_mean", achieved)
@@ -363,7 +360,7 @@ class Tuner:
             scores += [float(s) for s in result.sample_scores]
             if result.density is not None:
                 densities.append((result.density, len(chunk)))
-            value = _mean(scores)
+            value = mean(scores)
             trial.report(value, step)
             if size < len(screen) and self.spec.prune and trial.should_prune():
                 trial.set_user_attr("pruned_at", len(ids))
@@ -378,7 +375,7 @@ class Tuner:
         # mean, low, high and n, and PairedDiff.from_dict reads both.
         trial.set_user_attr("vs_coreinfer", diff.to_dict())
         self._record(trial, ids, scores, densities, model_seconds, t0)
-        return _mean(scores)
+        return mean(scores)
 
     def _record(self, trial, ids, scores, densities, model_seconds, t0) -> None:
         total = sum(n for _, n in densities)
@@ -634,6 +631,6 @@ def reference_grid(
     for w in w_sums:
         for th in thresholds:
             lv = clamp_levels(levels.levels(w, round(1 - w, 10), th, 100))
-            if abs(_mean(lv) - goal) <= tolerance:
+            if abs(mean(lv) - goal) <= tolerance:
                 hits.append({"w_sum": w, "threshold": th, "top_k": 100})
     return hits

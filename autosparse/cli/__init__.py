@@ -29,13 +29,7 @@ def _register() -> None:
     import importlib
 
     for name in ("generate", "levels", "evaluate", "tune", "sweep"):
-        try:
-            module = importlib.import_module(f"autosparse.cli.{name}")
-        except ModuleNotFoundError as exc:  # a command module not written yet
-            if exc.name != f"autosparse.cli.{name}":
-                raise
-            continue
-        for command in module.COMMANDS:
+        for command in importlib.import_module(f"autosparse.cli.{name}").COMMANDS:
             main.add_command(command)
 
 

@@ -99,3 +99,11 @@ def check_mode(mode: str) -> str:
     if mode not in MODES:
         raise ConfigError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     return mode
+
+
+def layer_range_text(layers: Sequence[int]) -> str | None:
+    """``"START:STOP"`` for contiguous layers (as ``--layers`` takes them), else None."""
+    layers = list(layers)
+    if layers and layers == list(range(layers[0], layers[-1] + 1)):
+        return f"{layers[0]}:{layers[-1] + 1}"
+    return None

@@ -12,7 +12,8 @@ from autosparse.errors import ConfigError, TaskError
 from autosparse.fidelity.references import REFERENCE_VERSION, generate_references, prompt_sha
 from autosparse.fidelity.scoring import Scored, score_batch, score_continuations
 from autosparse.methods import Method
-from autosparse.results import EvalResult, Reference
+from autosparse.results import EvalResult, Reference, package_versions
+from autosparse.stats import mean
 from autosparse.tasks.evaluator import EvaluatorOptions, ModelHandle
 
 METRICS = {"fidelity": "fidelity", "kl": "neg_kl", "neg_kl": "neg_kl"}
@@ -101,10 +102,9 @@ class FidelityEvaluator:
     # -- documents and prompts ---------------------------------------------------
     def _task(self):
         if self._task_obj is None:
-            from autosparse.tasks.evaluation import _lm_eval_errors_only
-            from autosparse.tasks.registry import DEFAULT_FEWSHOT, load_task
+            from autosparse.tasks.registry import DEFAULT_FEWSHOT, lm_eval_errors_only, load_task
 
-            with _lm_eval_errors_only():
+            with lm_eval_errors_only():
                 _, self._task_obj = load_task(self.task, self.options.include)
             fixed = self._task_obj.get_config("num_fewshot")
             if fixed == 0:
@@ -253,29 +253,28 @@ class FidelityEvaluator:
         densities = [s.density for s in scored if s.density is not None]
         dense_fid = [refs[i].dense_fidelity for i in ids]
         metrics = {
-            "fidelity": _mean(fid),
-            "kl": _mean(kl),
-            "neg_kl": -_mean(kl),
-            "dense_fidelity": _mean(dense_fid),
-            "tokens": _mean([len(refs[i].continuation) for i in ids]),
+            "fidelity": mean(fid),
+            "kl": mean(kl),
+            "neg_kl": -mean(kl),
+            "dense_fidelity": mean(dense_fid),
+            "tokens": mean([len(refs[i].continuation) for i in ids]),
             "reference_seconds": reference_seconds,
         }
-        from autosparse.tasks.evaluation import versions
 
         result = EvalResult(
             model=self.model_id,
             task=self.task,
             method=method.to_dict(),
             metric=self.metric,
-            score=_mean(per_sample),
+            score=mean(per_sample),
             metrics=metrics,
             sample_ids=ids,
             sample_scores=per_sample,
-            density=_mean(densities) if densities else None,
+            density=mean(densities) if densities else None,
             layer_density=self._layer_density,
             seconds=seconds,
             settings=settings,
-            versions=versions(),
+            versions=package_versions(),
         )
         if self.store is not None:
             self.store.save(result)
@@ -345,7 +344,3 @@ class FidelityEvaluator:
                 pad_id=pad,
             ),
         )
-
-
-def _mean(xs: Sequence[float]) -> float:
-    return float(sum(xs) / len(xs)) if xs else float("nan")

@@ -3,14 +3,14 @@ top-k next-token log-probabilities from a teacher-forced pass (``results.Referen
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 
 import numpy as np
 
 from autosparse.errors import TaskError
 from autosparse.fidelity.scoring import score_batch
+from autosparse.progress import progress_bar
 from autosparse.results import Reference
 
 #: bump when the meaning of a stored reference changes
@@ -59,8 +59,7 @@ def generate_references(
     eos = eos_ids(model, tok)
     ids = sorted(texts, key=lambda i: (len(texts[i]), i))
     out: dict[int, Reference] = {}
-    side = tok.padding_side
-    with _bar(progress, "generating dense references", len(ids)) as advance:
+    with progress_bar(progress, "generating dense references", len(ids)) as advance:
         for first in range(0, len(ids), batch_size):
             chunk = ids[first : first + batch_size]
             prompts = [list(tok(texts[i])["input_ids"]) for i in chunk]
@@ -73,20 +72,17 @@ def generate_references(
             for b, p in enumerate(prompts):
                 batch[b, width - len(p) :] = torch.tensor(p)
                 mask[b, width - len(p) :] = 1
-            try:
-                tok.padding_side = "left"
-                with torch.no_grad():
-                    gen = model.generate(
-                        input_ids=batch.to(device),
-                        attention_mask=mask.to(device),
-                        max_new_tokens=max_new_tokens,
-                        min_new_tokens=min_new_tokens,
-                        do_sample=False,
-                        num_beams=1,
-                        pad_token_id=tok.pad_token_id,
-                    )
-            finally:
-                tok.padding_side = side
+            # the batch is padded here, so the tokenizer's padding side plays no part
+            with torch.no_grad():
+                gen = model.generate(
+                    input_ids=batch.to(device),
+                    attention_mask=mask.to(device),
+                    max_new_tokens=max_new_tokens,
+                    min_new_tokens=min_new_tokens,
+                    do_sample=False,
+                    num_beams=1,
+                    pad_token_id=tok.pad_token_id,
+                )
             conts = []
             for row in gen[:, width:].tolist():
                 cont = []
@@ -113,22 +109,3 @@ def generate_references(
                 )
             advance(len(chunk))
     return out
-
-
-@contextlib.contextmanager
-def _bar(enabled: bool, label: str, total: int) -> Iterator[Callable[[int], None]]:
-    if not enabled or total == 0:
-        yield lambda n: None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-    with Progress(
-        TextColumn(label),
-        BarColumn(),
-        MofNCompleteColumn(),
-        console=Console(stderr=True),
-        transient=True,
-    ) as bar:
-        task = bar.add_task(label, total=total)
-        yield lambda n: bar.advance(task, n)

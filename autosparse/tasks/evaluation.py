@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -11,8 +10,14 @@ from typing import Any
 
 from autosparse.errors import TaskError
 from autosparse.methods import Method
-from autosparse.results import EvalResult
-from autosparse.tasks.registry import DEFAULT_FEWSHOT, DEFAULT_SEED, canonical_name, primary_metric
+from autosparse.results import EvalResult, package_versions
+from autosparse.tasks.registry import (
+    DEFAULT_FEWSHOT,
+    DEFAULT_SEED,
+    canonical_name,
+    lm_eval_errors_only,
+    primary_metric,
+)
 
 
 @dataclass
@@ -48,21 +53,6 @@ def eval_settings(
     }
 
 
-def versions() -> dict[str, str]:
-    import lm_eval
-    import torch
-    import transformers
-
-    import autosparse
-
-    return {
-        "autosparse": autosparse.__version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "lm_eval": getattr(lm_eval, "__version__", "unknown"),
-    }
-
-
 def _unpack(model: Any, tokenizer: Any) -> tuple[Any, Any, str]:
     """(model, tokenizer, name) from a LoadedModel, a (model, tokenizer) pair, or a model
     plus ``tokenizer=``."""
@@ -81,38 +71,25 @@ def _unpack(model: Any, tokenizer: Any) -> tuple[Any, Any, str]:
 
 
 def _identity(name: str) -> str | None:
-    try:
-        from autosparse.models import model_identity
-    except ImportError:
-        return None
+    from autosparse.models import model_identity
+
     try:
         return model_identity(name)
-    except Exception:
+    except Exception:  # noqa: BLE001 - a name without a stable identity: the caller falls back
         return None
 
 
 @contextlib.contextmanager
 def _rich_progress(enabled: bool) -> Iterator[Any]:
-    """A progress callback for SparseLM drawing rich bars on stderr (None when disabled)."""
-    if not enabled:
-        yield None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    """A progress callback for SparseLM drawing a bar per request kind (None when no bar
+    is drawn: disabled, or stderr is not a terminal)."""
+    from autosparse.progress import progress_bars
 
-    console = Console(stderr=True)
-    if not console.is_terminal:  # a transient bar would leave blank lines in a log
-        yield None
-        return
-    bars: dict[str, Any] = {}
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    ) as progress:
+    with progress_bars(enabled) as progress:
+        if progress is None:
+            yield None
+            return
+        bars: dict[str, Any] = {}
 
         def update(kind: str, advance: int = 0, total: int | None = None) -> None:
             if total is not None:
@@ -129,19 +106,6 @@ def _no_progress(kind: str, advance: int = 0, total: int | None = None) -> None:
 
 
 @contextlib.contextmanager
-def _lm_eval_errors_only() -> Iterator[None]:
-    """lm-eval logs a warning per task for routine things (custom datasets, few-shot
-    overrides): keep errors only, for the duration."""
-    logger = logging.getLogger("lm_eval")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
-@contextlib.contextmanager
 def _quiet_lm_eval() -> Iterator[None]:
     """For simple_evaluate: errors only, and no git hash or environment report."""
     import lm_eval.evaluator as lm_evaluator
@@ -153,7 +117,7 @@ def _quiet_lm_eval() -> Iterator[None]:
     lm_evaluator.get_git_commit_hash = lambda: None
     lm_evaluator.add_env_info = lambda storage: None
     try:
-        with _lm_eval_errors_only():
+        with lm_eval_errors_only():
             yield
     finally:
         lm_evaluator.get_git_commit_hash, lm_evaluator.add_env_info = saved
@@ -371,6 +335,6 @@ def collect_run(
         layer_density=lm.layer_density(),
         seconds=seconds,
         settings=settings,
-        versions=versions(),
+        versions=package_versions(),
     )
     return TaskRun(result=result, sample_density=[by_doc[i][1] for i in ids], raw=dict(out))

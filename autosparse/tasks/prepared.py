@@ -30,14 +30,19 @@ from autosparse.methods import Method
 from autosparse.tasks.evaluation import (
     TaskRun,
     _check_metric,
-    _lm_eval_errors_only,
     _no_progress,
     _rich_progress,
     _unpack,
     collect_run,
     eval_settings,
 )
-from autosparse.tasks.registry import DEFAULT_FEWSHOT, DEFAULT_SEED, canonical_name, primary_metric
+from autosparse.tasks.registry import (
+    DEFAULT_FEWSHOT,
+    DEFAULT_SEED,
+    canonical_name,
+    lm_eval_errors_only,
+    primary_metric,
+)
 
 
 class PreparedTask:
@@ -78,7 +83,7 @@ class PreparedTask:
             metric=self._requested_metric,
             max_gen_toks=max_gen_toks,
         )
-        with _lm_eval_errors_only():
+        with lm_eval_errors_only():
             self.task_name, task_obj = load_task(name, include_path)
             n_docs = len(task_obj.eval_docs)
             self.ids = sorted({int(i) for i in ids})
@@ -109,7 +114,8 @@ class PreparedTask:
         self._docs = {i: docs[i] for i in self.ids}
         if task_obj.OUTPUT_TYPE == "multiple_choice":
             _remember_choices(task_obj, self._docs.values())
-        self.lm = SparseLM(model, tokenizer, batch_size=batch_size, max_length=max_length)
+        with lm_eval_errors_only():  # lm-eval warns that a model object is not a name
+            self.lm = SparseLM(model, tokenizer, batch_size=batch_size, max_length=max_length)
 
     def run(
         self, method: Method, ids: Sequence[int] | None = None, *, progress: bool = False
@@ -142,7 +148,7 @@ class PreparedTask:
         seconds = time.perf_counter() - started
 
         task = self.task
-        with _lm_eval_errors_only():
+        with lm_eval_errors_only():
             saved = task._instances
             task._instances = instances
             try:

@@ -8,7 +8,9 @@ Only a task that is none of these makes autosparse index the built-ins.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,10 +145,29 @@ def _include_paths(include_path: str | Path | Sequence[str | Path] | None) -> li
     return [str(CONFIG_DIR)] + [str(Path(p).resolve()) for p in extra]
 
 
+@contextlib.contextmanager
+def lm_eval_errors_only() -> Iterator[None]:
+    """lm-eval logs warnings for routine things (custom datasets, metadata hints, a local
+    task config overriding a built-in one, a model object passed instead of a name): keep
+    its errors only, for the duration."""
+    logger = logging.getLogger("lm_eval")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def load_task(task: str, include_path=None, *, metadata: dict | None = None):
     """Build the lm-eval Task object for ``task`` (a name, an alias, or a task defined in
     ``include_path``). Returns ``(name, task_object)``. Raises TaskError when the name is
     unknown or names a group of several tasks."""
+    with lm_eval_errors_only():
+        return _load_task(task, include_path, metadata)
+
+
+def _load_task(task: str, include_path, metadata: dict | None):
     from lm_eval.tasks import TaskManager
 
     name = canonical_name(task)
@@ -165,11 +186,6 @@ def load_task(task: str, include_path=None, *, metadata: dict | None = None):
                 f"({', '.join(sorted(ALIASES))}) or a task in the include path"
             )
         target = name
-    import logging
-
-    lm_logger = logging.getLogger("lm_eval")
-    level = lm_logger.level
-    lm_logger.setLevel(logging.ERROR)  # routine warnings (custom datasets, metadata hints)
     try:
         loaded = tm.load([target])
     except TaskError:
@@ -182,8 +198,6 @@ def load_task(task: str, include_path=None, *, metadata: dict | None = None):
                 "truthfulqa-local, csqa-local, nq-local)"
             )
         raise TaskError(f"could not load task {name!r}: {type(exc).__name__}: {exc}{hint}") from exc
-    finally:
-        lm_logger.setLevel(level)
     tasks = loaded["tasks"]
     if len(tasks) != 1:
         raise TaskError(
