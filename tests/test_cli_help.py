@@ -48,3 +48,22 @@ def test_cli_reference_lists_every_command():
         for param in main.commands[name].params:
             if isinstance(param, click.Option) and not param.hidden:
                 assert param.opts[-1] in text or param.opts[0] in text, f"{name} {param.opts}"
+
+
+def test_cli_reference_is_up_to_date():
+    """docs/cli.md is what docs/cli_reference.py prints: regenerate it after changing an option."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, str(root / "docs" / "cli_reference.py")],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=root,
+    ).stdout
+    assert out == (root / "docs" / "cli.md").read_text(), (
+        "docs/cli.md is stale: python docs/cli_reference.py > docs/cli.md"
+    )
