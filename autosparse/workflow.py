@@ -89,7 +89,8 @@ def run_tune(
     from autosparse.calibration import CalibrationChoice, calibration_stats, choose_calibration
     from autosparse.levels import LevelsIndex
     from autosparse.store import ResultStore
-    from autosparse.tasks.evaluator import EvaluatorOptions, make_evaluator
+    from autosparse.evaluate import make_evaluator
+    from autosparse.tasks.evaluator import EvaluatorOptions
     from autosparse.tasks.registry import canonical_name, load_task
 
     say = on_status or _ignore

@@ -297,7 +297,8 @@ def test_the_prompt_cache_stays_under_its_budget():
 
 
 def test_one_factory_builds_the_evaluator_of_each_objective():
-    from autosparse.tasks.evaluator import TaskEvaluator, make_evaluator
+    from autosparse.evaluate import make_evaluator
+    from autosparse.tasks.evaluator import TaskEvaluator
 
     loads = []
 

@@ -93,7 +93,7 @@ def eval_command(
     log-likelihood tasks (multiple choice) score each answer with its tokens after
     the first running sparse. Results are stored and reused unless --force.
     """
-    from autosparse.tasks.evaluator import evaluate_method
+    from autosparse.evaluate import evaluate_method
 
     chosen = build_method(method, keep, token_ratio, levels_file, mode, layers)
     outcome = evaluate_method(
