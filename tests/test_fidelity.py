@@ -93,7 +93,7 @@ def test_dense_continuation_is_generated_once_and_reused(tmp_path):
         r = again.run(Method.coreinfer(0.4), ids)
         assert counter.calls == 4 and again.generate_calls == 0
         assert {i: again.references([i])[i].continuation for i in ids} == refs
-        assert r.metrics["reference_seconds"] >= 0
+        assert "reference_seconds" in r.metrics  # time to fetch them, kept apart from scoring
 
         # a changed prompt is regenerated; other settings give other references
         changed = {**PROMPTS, 0: "Something else entirely. "}
