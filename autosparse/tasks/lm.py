@@ -1,7 +1,9 @@
 """``SparseLM``: lm-eval's HFLM running a model under a sparsity Method.
 
-Generation: lm-eval's batched ``generate`` (left-padded); the engine selects each row's
-core neurons at the prefill and every generated token runs sparse.
+Generation: lm-eval's batched ``generate`` (left-padded, ``batch_size`` requests of the
+same generation settings per batch); the engine selects each row's core neurons at the
+prefill and every generated token runs sparse. Each row stops at its own first stop
+string or EOS (``stop_per_sequence``), so a batch gives what its rows give alone.
 
 Log-likelihood: lm-eval scores an answer in one forward pass over prompt + answer
 (right-padded). ``_loglikelihood_tokens`` is reimplemented here so that the engine
@@ -163,7 +165,28 @@ class SparseLM(HFLM):
             contexts = [None] * context.shape[0]
         if self.engine is not None:
             self.engine.reset_records()
-        out = super()._model_generate(context, max_length, stop, **generation_kwargs)
+        # lm-eval's own criteria end a batch only once every row holds the same stop
+        # string; these finish each row at its own first stop string (transformers then
+        # pads it) and end the batch when every row has finished
+        kwargs = dict(generation_kwargs)
+        temperature = kwargs.pop("temperature", 0.0)
+        if temperature == 0.0 and kwargs.get("do_sample") is None:
+            kwargs["do_sample"] = False
+        if not (kwargs.get("do_sample") is False and temperature == 0.0):
+            kwargs["temperature"] = temperature
+        with torch.autocast(
+            device_type=self.device.type,
+            dtype=self.mixed_precision_dtype,
+            enabled=self.mixed_precision_dtype is not None,
+        ):
+            out = self.model.generate(
+                input_ids=context,
+                max_length=max_length,
+                stopping_criteria=stop_per_sequence(self.tokenizer, stop, context.shape[1]),
+                pad_token_id=self.tokenizer.pad_token_id,
+                use_cache=True,
+                **kwargs,
+            )
         self._record(contexts)
         self._tick("generate_until", advance=context.shape[0])
         return out
@@ -276,8 +299,36 @@ class SparseLM(HFLM):
                         rows.append(b)
                         continuations.append(continuation)
                         contexts.append(None if request is None else request[0])
-            logprobs = continue_prompts(self.model, take_rows(done, rows), continuations, engine)
-            self._record(contexts)
+            logprobs: list[torch.Tensor | None] = [None] * len(rows)
+            recorded = []
+            # rows of one continuation length per pass: no padded positions; a one-token
+            # answer is scored by the prompt's last position alone (no pass)
+            by_length: dict[int, list[int]] = {}
+            for r, continuation in enumerate(continuations):
+                by_length.setdefault(len(continuation), []).append(r)
+            for length, bucket in sorted(by_length.items()):
+                picked = [rows[r] for r in bucket]
+                if length == 1:
+                    if engine is not None:  # selects and records, as a prefill would
+                        index = torch.tensor(picked, dtype=torch.long)
+                        engine.preselect(
+                            [
+                                (v[index.to(v.device)], m[index.to(m.device)])
+                                for v, m in done.statistics
+                            ]
+                        )
+                    scored = [done.first[b : b + 1] for b in picked]
+                else:
+                    scored = continue_prompts(
+                        self.model,
+                        take_rows(done, picked),
+                        [continuations[r] for r in bucket],
+                        engine,
+                    )
+                for r, lp in zip(bucket, scored, strict=True):
+                    logprobs[r] = lp
+                recorded += [contexts[r] for r in bucket]
+            self._record(recorded)
             for b, prompt in enumerate(chunk):
                 for i in by_prompt[prompt]:
                     request, _, continuation = requests[i]
@@ -369,3 +420,34 @@ def _prompt_of(context: list[int], continuation: list[int], max_length: int) -> 
     window = (context + continuation)[-(max_length + 1) :][:-1]
     length = len(window) - len(continuation) + 1
     return tuple(window[:length]) if length > 0 else ()
+
+
+def stop_per_sequence(tokenizer, stops: Sequence[str], prompt_width: int):
+    """Stopping criteria (a transformers ``StoppingCriteriaList``) that finish each row of a
+    batch once its generated tokens (after ``prompt_width``) hold any of ``stops``. Like
+    lm-eval's criteria, each stop string is looked for in the decoded last
+    ``len(tokens of the string) + 2`` tokens, so a row stops where it stops alone."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    lookback = {s: len(tokenizer.encode(s, add_special_tokens=False)) + 2 for s in stops if s}
+
+    class StopStrings(StoppingCriteria):
+        def __init__(self) -> None:
+            self.done: torch.Tensor | None = None  # (B,) bool
+
+        def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+            if self.done is None:
+                self.done = torch.zeros(input_ids.shape[0], dtype=torch.bool)
+            new = input_ids[:, prompt_width:]
+            rows = [b for b in range(new.shape[0]) if not self.done[b]]
+            for stop, n in lookback.items():
+                if not rows:
+                    break
+                texts = tokenizer.batch_decode(new[rows, -n:])
+                for b, text in zip(rows, texts, strict=True):
+                    if stop in text:
+                        self.done[b] = True
+                rows = [b for b in rows if not self.done[b]]
+            return self.done.to(input_ids.device).clone()
+
+    return StoppingCriteriaList([StopStrings()])
