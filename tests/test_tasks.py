@@ -378,3 +378,109 @@ def test_task_evaluator_answers_screen_slices_with_the_screen_prompts(llama_pair
     other = evaluator.run(CORE, [3, 99])
     assert other.sample_ids == [3, 99] and "prompts_of" not in other.settings
     assert store.find("tiny", "csqa-local", CORE, part.settings) is not None
+
+
+# -- batched generation, each sequence stopping on its own ----------------------------
+
+GEN_CONTEXTS = [
+    "Question: where do fish live?\nAnswer:",
+    "The capital of France is",
+    "Two plus two makes",
+    "Once upon a time there was",
+]
+
+
+class ForwardCalls:
+    """Forward calls of a model: how many, and the largest batch a prefill had."""
+
+    def __init__(self, model):
+        self.calls, self.widest = 0, 0
+        self._handle = model.register_forward_pre_hook(self._count, with_kwargs=True)
+
+    def _count(self, module, args, kwargs):
+        self.calls += 1
+        cache = kwargs.get("past_key_values")
+        if cache is None or cache.get_seq_length() == 0:
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            self.widest = max(self.widest, int(ids.shape[0]))
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+def _generate(pair, contexts, until, batch_size, max_gen_toks=24):
+    from lm_eval.api.instance import Instance
+
+    from autosparse.tasks.lm import SparseLM
+
+    model, tok = pair
+    lm = SparseLM(model, tok, batch_size=batch_size, max_length=MAX_LEN)
+    settings = {"until": until, "do_sample": False, "max_gen_toks": max_gen_toks}
+    requests = [
+        Instance("generate_until", {}, (c, dict(settings)), i) for i, c in enumerate(contexts)
+    ]
+    calls = ForwardCalls(model)
+    try:
+        with lm.sparse(CORE):
+            out = lm.generate_until(requests)
+    finally:
+        calls.remove()
+    return out, calls
+
+
+def test_batched_generation_stops_each_sequence_and_equals_singles(llama_pair):
+    free, calls = _generate(llama_pair, GEN_CONTEXTS, ["<never>"], batch_size=4)
+    assert calls.calls == 24 and all(len(t) == 24 for t in free)  # one token per character
+    # stop strings: each row's second character (the random model repeats characters);
+    # every row stops at the first of them it meets, rows at different steps
+    stops = sorted({next(ch for ch in text[1:] if ch.strip()) for text in free})
+    singles, steps = [], []
+    for context in GEN_CONTEXTS:
+        out, calls = _generate(llama_pair, [context], stops, batch_size=1)
+        singles += out
+        steps.append(calls.calls)
+    assert max(steps) < 24 and len(set(steps)) > 1  # rows stop early, at different steps
+    for text, alone in zip(free, singles, strict=True):
+        assert text.startswith(alone) and not any(s in alone for s in stops)
+
+    batched, calls = _generate(llama_pair, GEN_CONTEXTS, stops, batch_size=4)
+    assert batched == singles
+    assert calls.widest == 4  # one batch of four
+    # the batch ends with its last row, not when every row met the same stop string
+    assert calls.calls == max(steps)
+
+
+@pytest.mark.parametrize("path", ["run_task", "prepared"])
+def test_task_generation_batch_of_four_equals_four_singles(llama_pair, task_dir, path):
+    from autosparse.tasks.prepared import PreparedTask
+
+    ids = [0, 2, 3, 5]
+
+    def answers(batch_size):
+        calls = ForwardCalls(llama_pair[0])
+        try:
+            if path == "prepared":
+                prepared = PreparedTask(
+                    llama_pair,
+                    "fx-triviaqa",
+                    ids,
+                    include_path=task_dir,
+                    max_length=MAX_LEN,
+                    num_fewshot=1,
+                    batch_size=batch_size,
+                )
+                got = prepared.run(CORE)
+                resps = [inst.resps for i in ids for inst in prepared._instances[i]]
+            else:
+                got = run(llama_pair, "fx-triviaqa", CORE, task_dir, ids=ids, batch_size=batch_size)
+                resps = [s["resps"] for s in got.raw["samples"]["fx-triviaqa"]]
+        finally:
+            calls.remove()
+        return got, resps, calls.widest
+
+    singles, single_resps, widest_single = answers(1)
+    batch, batch_resps, widest_batch = answers(4)
+    assert (widest_single, widest_batch) == (1, 4)
+    assert batch_resps == single_resps and len(single_resps) == 4
+    assert batch.result.sample_scores == singles.result.sample_scores
+    assert batch.sample_density == pytest.approx(singles.sample_density)

@@ -114,6 +114,20 @@ class SparseEngine:
         for rt in self.runtimes:
             rt.selection, rt.sliced = None, {}
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Inside this block the model runs as loaded (e.g. to run prompts dense with
+        ``engine.prompts.run_prompts``, which patches it itself); the patch is back after.
+        Recorded kept counts survive; the current selection does not (the next call
+        prefills, or ``preselect`` installs one)."""
+        if not self._undo:
+            raise RuntimeError("SparseEngine.paused() needs an active engine")
+        self._restore()
+        try:
+            yield
+        finally:
+            self.__enter__()
+
     # -- continuation scoring ---------------------------------------------------
     @contextlib.contextmanager
     def scoring(self, prompt_lengths: Sequence[int] | torch.Tensor) -> Iterator[None]:

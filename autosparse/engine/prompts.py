@@ -13,10 +13,15 @@ under many methods (a screening study) can therefore run every prompt once:
 (``SparseEngine.preselect``) and runs only the continuation tokens, sparse, on the
 kept cache. It gives what one pass over prompt + continuation under
 ``engine.scoring`` gives, up to floating-point summation order (tested).
+
+Several continuations of one prompt (the choices of a multiple-choice question) share
+its run: ``take_rows(done, [0, 0, 0, 1, 1])`` repeats each prompt's row once per
+continuation, cache and statistics included, for one ``continue_prompts`` call.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -181,3 +186,31 @@ def continue_prompts(
                 tail = F.log_softmax(logits[b, : len(c) - 1].float(), dim=-1)
                 rows[b] = torch.cat([rows[b], tail])
     return rows
+
+
+def _take_cache(cache: Any, index: torch.Tensor) -> Any:
+    """A cache holding rows ``index`` of ``cache``; ``cache`` itself is left as it was."""
+    if hasattr(cache, "layers"):  # DynamicCache: its layers re-bind, never write, their tensors
+        out = copy.copy(cache)
+        out.layers = [copy.copy(layer) for layer in cache.layers]
+    else:
+        out = copy.deepcopy(cache)
+    out.batch_select_indices(index)
+    return out
+
+
+def take_rows(prompts: PromptBatch, rows: Sequence[int]) -> PromptBatch:
+    """A PromptBatch whose row i is row ``rows[i]`` of ``prompts`` (rows may repeat: one row
+    per continuation of a shared prompt). It has its own cache; ``prompts`` stays usable."""
+    if not rows or min(rows) < 0 or max(rows) >= len(prompts.lengths):
+        raise ConfigError(f"rows {list(rows)[:5]} are not rows of a batch of {len(prompts.lengths)}")
+    index = torch.tensor(list(rows), dtype=torch.long, device=prompts.mask.device)
+    return PromptBatch(
+        lengths=[prompts.lengths[r] for r in rows],
+        mask=prompts.mask[index],
+        cache=_take_cache(prompts.cache, index),
+        statistics=[(v[index.to(v.device)], m[index.to(m.device)]) for v, m in prompts.statistics],
+        first=prompts.first[index],
+        token_ratio=prompts.token_ratio,
+        layers=prompts.layers,
+    )
