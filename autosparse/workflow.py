@@ -87,9 +87,9 @@ def run_tune(
     (``models.load_model``), e.g. by a sweep that tunes several studies; by default it is
     loaded here."""
     from autosparse.calibration import CalibrationChoice, calibration_stats, choose_calibration
+    from autosparse.evaluate import make_evaluator
     from autosparse.levels import LevelsIndex
     from autosparse.store import ResultStore
-    from autosparse.evaluate import make_evaluator
     from autosparse.tasks.evaluator import EvaluatorOptions
     from autosparse.tasks.registry import canonical_name, load_task
 

@@ -70,7 +70,8 @@ def _cache_tensors(cache: Any) -> list[torch.Tensor]:
     return []
 
 
-def _accepts(model, name: str) -> bool:
+def forward_accepts(model, name: str) -> bool:
+    """Whether ``model.forward`` takes a keyword ``name`` (it differs by family and version)."""
     try:
         return name in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
@@ -105,9 +106,9 @@ def run_prompts(
         ids[b, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
         mask[b, width - len(p) :] = 1
     kwargs: dict[str, Any] = {"attention_mask": mask, "use_cache": True}
-    if _accepts(model, "position_ids"):
+    if forward_accepts(model, "position_ids"):
         kwargs["position_ids"] = _positions(mask)
-    if _accepts(model, "logits_to_keep"):
+    if forward_accepts(model, "logits_to_keep"):
         kwargs["logits_to_keep"] = 1
     # keep 1.0 runs every layer dense; collecting() keeps the selection statistics
     with SparseEngine(model, 1.0, token_ratio=token_ratio, layers=layers) as engine:
@@ -171,13 +172,13 @@ def continue_prompts(
             ids[b, : len(c) - 1] = torch.tensor(list(c)[:-1], dtype=torch.long)
         mask = torch.cat([prompts.mask, torch.ones_like(ids)], dim=1)
         kwargs: dict[str, Any] = {"attention_mask": mask, "use_cache": True}
-        if _accepts(model, "position_ids"):
+        if forward_accepts(model, "position_ids"):
             kwargs["position_ids"] = _positions(mask)[:, -steps:]
         cache = prompts.cache
         length = int(cache.get_seq_length())
         try:
             # the cache argument's name changed across transformers versions
-            kwargs["cache" if _accepts(model, "cache") else "past_key_values"] = cache
+            kwargs["cache" if forward_accepts(model, "cache") else "past_key_values"] = cache
             logits = model(input_ids=ids, **kwargs).logits
         finally:
             _restore(cache, length)

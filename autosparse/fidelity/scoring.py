@@ -5,11 +5,11 @@ continuation alone on prompts run once)."""
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from autosparse.engine.prompts import forward_accepts
 from autosparse.errors import ConfigError
 from autosparse.results import Reference
 
@@ -46,13 +46,6 @@ class Scored:
     density: float | None
 
 
-def _accepts(model, name: str) -> bool:
-    try:
-        return name in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 def score_batch(
     model,
     rows: Sequence[tuple[Sequence[int], Sequence[int]]],
@@ -84,7 +77,7 @@ def score_batch(
     # right padding only follows a row's own tokens: under the causal mask it changes
     # no scored position, so no attention mask is needed (as in SparseLM)
     keep = width - min(prompt_lengths) + 1  # positions from the earliest predicting one
-    kwargs = {"logits_to_keep": keep} if _accepts(model, "logits_to_keep") else {}
+    kwargs = {"logits_to_keep": keep} if forward_accepts(model, "logits_to_keep") else {}
     offset = width - keep if kwargs else 0
     scoring = engine.scoring(prompt_lengths) if engine is not None else contextlib.nullcontext()
     with scoring:
