@@ -263,7 +263,10 @@ def collect_stats(
         for j, layer_idx in enumerate(chosen):
             removers.append(adapter.capture_activations(decoder[layer_idx], make_hook(j)))
         model.eval()
-        with torch.no_grad(), progress_bar(progress, "calibrating (dense pass)", n_prompts) as advance:
+        with (
+            torch.no_grad(),
+            progress_bar(progress, "calibrating (dense pass)", n_prompts) as advance,
+        ):
             for rows in batches:
                 seq = max(len(encoded[i]) for i in rows)
                 input_ids = torch.zeros(len(rows), seq, dtype=torch.long)

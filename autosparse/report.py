@@ -260,7 +260,9 @@ def _params_cell(row: ReportRow) -> str:
     if row.params:
         if all(k in row.params for k in PARAM_NAMES):
             return "[" + ", ".join(f"{float(row.params[k]):g}" for k in PARAM_NAMES) + "]"
-        return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.params.items())
+        return ", ".join(
+            f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.params.items()
+        )
     if row.method == "coreinfer" and row.keep is not None:
         q = "" if row.token_ratio is None else f", token ratio {row.token_ratio:g}"
         return f"keep {row.keep:g}{q}"
@@ -486,7 +488,9 @@ def levels_table(
         sparse.append(float(lv))
         table.add_row(str(layer), f"{float(lv):.2f}", Text(_bar(float(lv), width), style="cyan"))
     if sparse:
-        table.caption = f"mean kept {sum(sparse) / len(sparse):.3f} over {len(sparse)} sparse layers"
+        table.caption = (
+            f"mean kept {sum(sparse) / len(sparse):.3f} over {len(sparse)} sparse layers"
+        )
     return table
 
 

@@ -42,8 +42,6 @@ STUDIES_DIR = Path("studies")
 DEFAULT_STUDY = "smollm2-135m-csqa-local-g0.4"
 
 
-
-
 # ---------------------------------------------------------------- tune
 
 

@@ -61,23 +61,43 @@ def run_study(args, model_name: str, prune: bool, root: Path) -> dict:
     loaded = load_model(model_name, device="cpu")
     timer = ForwardTimer(loaded.model)
     spec = StudySpec(
-        model=model_name, model_id=model_identity(model_name), task=args.task, goal=args.goal,
-        screen=args.screen, seed=args.seed, calibration=args.calibration, num_fewshot=0,
-        top_k_choices=(10, 25, 50, 100), prune=prune,
+        model=model_name,
+        model_id=model_identity(model_name),
+        task=args.task,
+        goal=args.goal,
+        screen=args.screen,
+        seed=args.seed,
+        calibration=args.calibration,
+        num_fewshot=0,
+        top_k_choices=(10, 25, 50, 100),
+        prune=prune,
     )
     prompts = choose_calibration(
         CalibrationChoice(task=args.task, n=args.calibration, seed=args.seed + 1)
     )
     stats, _ = calibration_stats(
-        prompts, model_id=spec.model_id, load_model=lambda: (loaded.model, loaded.tokenizer),
-        dtype=str(loaded.dtype), directory=root / "calibration", progress=False,
+        prompts,
+        model_id=spec.model_id,
+        load_model=lambda: (loaded.model, loaded.tokenizer),
+        dtype=str(loaded.dtype),
+        directory=root / "calibration",
+        progress=False,
     )
     index = LevelsIndex.from_stats(stats)  # the default sparse layers, as the engine
     url = f"sqlite:///{root / ('prune' if prune else 'noprune')}.db"
     study = create_or_resume(open_storage(url), "bench", spec)
-    evaluator = TaskEvaluator(loaded, EvaluatorOptions(
-        model_id=spec.model_id, task=args.task, num_fewshot=0, batch_size=args.batch_size,
-        seed=args.seed, progress=False, store=ResultStore(url)))
+    evaluator = TaskEvaluator(
+        loaded,
+        EvaluatorOptions(
+            model_id=spec.model_id,
+            task=args.task,
+            num_fewshot=0,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            progress=False,
+            store=ResultStore(url),
+        ),
+    )
     pool = [i for i in evaluator.document_ids() if i not in set(prompts.ids)]
     tuner = Tuner(study, spec, evaluator, index)
     tuner.prepare(sorted(random.Random(args.seed).sample(pool, args.screen)))
@@ -127,15 +147,21 @@ def main() -> None:
         root = Path(tmp)
         model = args.model or tiny_model_dir(root)
         rows = [run_study(args, model, prune, root) for prune in (True, False)]
-    print(f"model: {args.model or 'tiny Llama (8 layers, hidden 256, N 1024)'}, task {args.task}, "
-          f"screen {args.screen}, {args.trials} timed trials after one warm-up, torch threads "
-          f"{torch.get_num_threads()}")
-    print("| pruning | trials | pruned | median trial (s) | forward passes | overhead | trials/hour |")
+    print(
+        f"model: {args.model or 'tiny Llama (8 layers, hidden 256, N 1024)'}, task {args.task}, "
+        f"screen {args.screen}, {args.trials} timed trials after one warm-up, torch threads "
+        f"{torch.get_num_threads()}"
+    )
+    print(
+        "| pruning | trials | pruned | median trial (s) | forward passes | overhead | trials/hour |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {'on' if r['prune'] else 'off'} | {r['trials']} | {r['pruned']} | "
-              f"{r['median trial s']:.2f} | {100 * r['forward share']:.1f}% | "
-              f"{100 * r['overhead share']:.1f}% | {r['trials per hour']:.0f} |")
+        print(
+            f"| {'on' if r['prune'] else 'off'} | {r['trials']} | {r['pruned']} | "
+            f"{r['median trial s']:.2f} | {100 * r['forward share']:.1f}% | "
+            f"{100 * r['overhead share']:.1f}% | {r['trials per hour']:.0f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -21,8 +21,13 @@ loaded = load_model(MODEL, device="cpu")
 model_id = model_identity(MODEL)
 
 # 1. CoreInfer: every sparse layer (6..26 here) keeps 40% of its FFN neurons per prompt.
-run = generate(loaded.model, loaded.tokenizer, ["The capital of France is"],
-               Method.coreinfer(0.4), max_new_tokens=16)
+run = generate(
+    loaded.model,
+    loaded.tokenizer,
+    ["The capital of France is"],
+    Method.coreinfer(0.4),
+    max_new_tokens=16,
+)
 print("CoreInfer says:", run.generations[0].text.strip())
 print(f"realized density {run.density:.3f} (planned 0.4)")
 
@@ -30,26 +35,45 @@ print(f"realized density {run.density:.3f} (planned 0.4)")
 #    on documents kept apart from the evaluation sample.
 evaluated = sample_ids(TASK, limit=60, seed=SEED)
 calibration = calibration_texts(TASK, 32, exclude_ids=evaluated, seed=SEED)
-stats, _ = load_or_collect("studies/calibration", model_id=model_id,
-                           source=f"{TASK}: 32 documents outside the sample", samples=calibration,
-                           load_model=lambda: (loaded.model, loaded.tokenizer), layers="6:27")
+stats, _ = load_or_collect(
+    "studies/calibration",
+    model_id=model_id,
+    source=f"{TASK}: 32 documents outside the sample",
+    samples=calibration,
+    load_model=lambda: (loaded.model, loaded.tokenizer),
+    layers="6:27",
+)
 index = LevelsIndex(stats.S, stats.c, stats.layers)
 solved = index.solve_goal(GOAL, w_sum=0.45, top_k=100)
-print(f"levels for goal {GOAL}: threshold {solved.threshold:.3f}, achieved mean "
-      f"{solved.mean:.3f}\n  {list(solved.levels)}")
+print(
+    f"levels for goal {GOAL}: threshold {solved.threshold:.3f}, achieved mean "
+    f"{solved.mean:.3f}\n  {list(solved.levels)}"
+)
 
 # 3. Evaluate dense, CoreInfer and the levels on the same seeded sample, zero-shot.
-evaluator = TaskEvaluator(loaded, EvaluatorOptions(model_id=model_id, task=TASK, num_fewshot=0,
-                                                   batch_size=8))
+evaluator = TaskEvaluator(
+    loaded, EvaluatorOptions(model_id=model_id, task=TASK, num_fewshot=0, batch_size=8)
+)
 levels = Method.levels([max(0.01, x) for x in solved.levels], layers="6:27")
-results = {name: evaluator.run(method, evaluated) for name, method in
-           [("dense", Method.dense()), ("coreinfer", Method.coreinfer(0.4)), ("levels", levels)]}
+results = {
+    name: evaluator.run(method, evaluated)
+    for name, method in [
+        ("dense", Method.dense()),
+        ("coreinfer", Method.coreinfer(0.4)),
+        ("levels", levels),
+    ]
+}
 for name, r in results.items():
     density = "-" if r.density is None else f"{r.density:.3f}"
     print(f"{name:>9}: {r.metric} {r.score:.3f}  realized density {density}")
 
 core = results["coreinfer"]
 for name in ("levels", "dense"):
-    d = paired_difference(results[name].sample_ids, results[name].sample_scores,
-                          core.sample_ids, core.sample_scores, seed=SEED)
+    d = paired_difference(
+        results[name].sample_ids,
+        results[name].sample_scores,
+        core.sample_ids,
+        core.sample_scores,
+        seed=SEED,
+    )
     print(f"{name} - CoreInfer: {d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}] on {d.n} documents")

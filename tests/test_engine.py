@@ -190,8 +190,14 @@ def _tiny_family(kind: str):
     import transformers
 
     common = dict(
-        vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0,
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=0,
     )
     config_cls, model_cls = {
         "mistral": ("MistralConfig", "MistralForCausalLM"),

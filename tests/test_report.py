@@ -320,6 +320,8 @@ def test_cell_helpers_take_stored_dicts():
         assert interval_cell(missing) == detectable_cell(missing) == needed_cell(missing) == "—"
         assert verdict_of(missing) == ""
     assert detectable_cell(PairedDiff(0.5, 0.5, 0.5, 1)) == "—"  # one pair: no spread known
+
+
 def test_trial_lines_as_tune_prints_them():
     from autosparse.tuning import TrialReport
 

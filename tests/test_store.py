@@ -75,7 +75,10 @@ def test_sqlite_creates_parent_directory_and_prefixed_tables(tmp_path):
     ResultStore(f"sqlite:///{tmp_path}/sub/dir/results.db").close()
     path = tmp_path / "sub" / "dir" / "results.db"
     assert path.exists()
-    tables = {r[0] for r in sqlite3.connect(path).execute("select name from sqlite_master where type='table'")}
+    tables = {
+        r[0]
+        for r in sqlite3.connect(path).execute("select name from sqlite_master where type='table'")
+    }
     assert tables and all(t.startswith("autosparse_") for t in tables)
 
 
@@ -124,11 +127,15 @@ def test_find_matches_only_identical_method_and_settings(store):
     got = store.find("smollm2-135m", "truthfulqa-local", core, SETTINGS)
     assert got is not None and got.id == newer and got.score == 2.0
     # A Method or its dict; key order of the settings does not matter.
-    same = store.find("smollm2-135m", "truthfulqa-local", core.to_dict(), dict(reversed(SETTINGS.items())))
+    same = store.find(
+        "smollm2-135m", "truthfulqa-local", core.to_dict(), dict(reversed(SETTINGS.items()))
+    )
     assert same.id == newer
 
     assert store.find("smollm2-135m", "truthfulqa-local", Method.coreinfer(0.3), SETTINGS) is None
-    assert store.find("smollm2-135m", "truthfulqa-local", Method.coreinfer(0.4, 0.3), SETTINGS) is None
+    assert (
+        store.find("smollm2-135m", "truthfulqa-local", Method.coreinfer(0.4, 0.3), SETTINGS) is None
+    )
     assert store.find("smollm2-135m", "truthfulqa-local", core, {**SETTINGS, "seed": 0}) is None
     assert store.find("smollm2-135m", "truthfulqa-local", core, {**SETTINGS, "extra": 1}) is None
     assert store.find("smollm2-135m", "wmt16", core, SETTINGS) is None
@@ -212,7 +219,10 @@ def test_shares_a_database_with_optuna(tmp_path):
     [
         ("not a url", "not a database URL"),
         ("nosuchdialect://x/y", "cannot open storage"),
-        ("postgresql://user:secret@127.0.0.1:1/db", "cannot open storage postgresql://user:***@127.0.0.1:1/db"),
+        (
+            "postgresql://user:secret@127.0.0.1:1/db",
+            "cannot open storage postgresql://user:***@127.0.0.1:1/db",
+        ),
     ],
 )
 def test_bad_url_is_a_one_line_storage_error(url, fragment):

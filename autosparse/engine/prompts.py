@@ -204,7 +204,9 @@ def take_rows(prompts: PromptBatch, rows: Sequence[int]) -> PromptBatch:
     """A PromptBatch whose row i is row ``rows[i]`` of ``prompts`` (rows may repeat: one row
     per continuation of a shared prompt). It has its own cache; ``prompts`` stays usable."""
     if not rows or min(rows) < 0 or max(rows) >= len(prompts.lengths):
-        raise ConfigError(f"rows {list(rows)[:5]} are not rows of a batch of {len(prompts.lengths)}")
+        raise ConfigError(
+            f"rows {list(rows)[:5]} are not rows of a batch of {len(prompts.lengths)}"
+        )
     index = torch.tensor(list(rows), dtype=torch.long, device=prompts.mask.device)
     return PromptBatch(
         lengths=[prompts.lengths[r] for r in rows],

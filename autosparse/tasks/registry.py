@@ -52,9 +52,7 @@ TASKS: dict[str, TaskSpec] = {
             "bertaqa/bertaqa_en.yaml",
             data="hub HiTZ/BertaQA",
         ),
-        TaskSpec(
-            "squadv2", "exact", "mixed", data="hub lighteval/squad_v2, local scorer"
-        ),
+        TaskSpec("squadv2", "exact", "mixed", data="hub lighteval/squad_v2, local scorer"),
         TaskSpec(
             "commonsense_qa",
             "acc",
