@@ -375,29 +375,13 @@ def make_evaluator(
 ):
     """The held-out evaluator: the task metric (whatever objective the studies tuned),
     cached in ``store``. The one place the sweep builds an evaluator."""
-    from autosparse.tasks.evaluator import EvaluatorOptions, TaskEvaluator
+    from autosparse.tasks.evaluator import TaskEvaluator
+    from autosparse.workflow import study_options
 
-    options = EvaluatorOptions(
-        model_id=spec.model_id,
-        task=spec.task,
-        num_fewshot=spec.num_fewshot,
-        batch_size=batch_size,
-        metric=spec.metric,
-        max_gen_toks=max_gen_toks,
-        seed=spec.seed,
-        store=store,
-        progress=progress,
+    options = study_options(
+        spec, batch_size=batch_size, max_gen_toks=max_gen_toks, store=store, progress=progress
     )
     return TaskEvaluator(loaded, options)
-
-
-def _load(model: str, device: str, dtype: str):
-    from transformers.utils import logging as hf_logging
-
-    from autosparse.models import load_model
-
-    hf_logging.disable_progress_bar()  # the sweep prints its own status lines
-    return load_model(model, device=device, dtype=dtype)
 
 
 def _aligned(result: EvalResult, ids: Sequence[int]) -> list[float]:
@@ -459,7 +443,7 @@ def run_sweep(
     specs = [replace(spec, goal=g, goal_from_baseline=None) for g in goals]
 
     say(f"loading {spec.model}")
-    loaded = _load(spec.model, device, dtype)
+    loaded = workflow.load_quietly(spec.model, device, dtype)
     tuned: dict[float, tuple[str, str]] = {}
     for g, goal_spec in zip(goals, specs, strict=True):
         study_name = default_study_name(spec.model, spec.task, g, None)

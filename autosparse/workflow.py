@@ -88,7 +88,6 @@ def run_tune(
     from autosparse.evaluate import make_evaluator
     from autosparse.levels import LevelsIndex
     from autosparse.store import ResultStore
-    from autosparse.tasks.evaluator import EvaluatorOptions
     from autosparse.tasks.registry import canonical_name, load_task
 
     say = on_status or _ignore
@@ -107,7 +106,7 @@ def run_tune(
             check_spec(existing, spec)
     if loaded is None:
         say(f"loading {spec.model}")
-        loaded = _load_quietly(spec.model, device, dtype)
+        loaded = load_quietly(spec.model, device, dtype)
     from autosparse.adapters import adapter_for
     from autosparse.engine.config import resolve_layers
 
@@ -145,22 +144,15 @@ def run_tune(
         optuna_storage = open_storage(url, heartbeat=heartbeat)
     study = create_or_resume(optuna_storage, name, spec)
     store = ResultStore(url)
-    evaluator = make_evaluator(
-        spec.objective,
-        loaded,
-        EvaluatorOptions(
-            model_id=spec.model_id,
-            task=spec.task,
-            num_fewshot=spec.num_fewshot,
-            batch_size=batch_size,
-            metric=spec.metric,
-            seed=spec.seed,
-            max_gen_toks=max_gen_toks,
-            store=store,
-            progress=progress,
-            prompt_cache_gb=prompt_cache_gb,
-        ),
+    options = study_options(
+        spec,
+        batch_size=batch_size,
+        max_gen_toks=max_gen_toks,
+        store=store,
+        progress=progress,
+        prompt_cache_gb=prompt_cache_gb,
     )
+    evaluator = make_evaluator(spec.objective, loaded, options)
     if "calibration_ids" not in study.user_attrs:
         study.set_user_attr("calibration_ids", calibration_ids)
         study.set_user_attr("calibration_source", source)
@@ -205,7 +197,35 @@ def run_tune(
     return TuneOutcome(name, url, ran, summary)
 
 
-def _load_quietly(model: str, device: str, dtype: str):
+def study_options(
+    spec: StudySpec,
+    *,
+    batch_size: int,
+    max_gen_toks: int | None,
+    store,
+    progress: bool,
+    prompt_cache_gb: float = 4.0,
+):
+    """The evaluator options of a study's evaluations (its model, task, shots, metric, seed)
+    with the run's own batch size, token cap, store and progress bars."""
+    from autosparse.tasks.evaluator import EvaluatorOptions
+
+    return EvaluatorOptions(
+        model_id=spec.model_id,
+        task=spec.task,
+        num_fewshot=spec.num_fewshot,
+        batch_size=batch_size,
+        metric=spec.metric,
+        seed=spec.seed,
+        max_gen_toks=max_gen_toks,
+        store=store,
+        progress=progress,
+        prompt_cache_gb=prompt_cache_gb,
+    )
+
+
+def load_quietly(model: str, device: str, dtype: str):
+    """``models.load_model`` without transformers' progress bars (callers print status lines)."""
     from transformers.utils import logging as hf_logging
 
     from autosparse.models import load_model
@@ -245,7 +265,7 @@ def run_finalize(
     from autosparse.finalize import finalize
     from autosparse.report import write_report
     from autosparse.store import ResultStore
-    from autosparse.tasks.evaluator import EvaluatorOptions, TaskEvaluator
+    from autosparse.tasks.evaluator import TaskEvaluator
 
     url = _study_storage(study_name, storage)
     if storage is None and not (STUDIES_DIR / f"{study_name}.db").exists():
@@ -258,7 +278,7 @@ def run_finalize(
     spec = StudySpec.from_dict(study.user_attrs[SPEC_ATTR])
     say = on_status or _ignore
     say(f"loading {spec.model}")
-    loaded = _load_quietly(spec.model, device, dtype)
+    loaded = load_quietly(spec.model, device, dtype)
     from autosparse.models import model_identity
 
     if model_identity(spec.model) != spec.model_id:
@@ -267,20 +287,10 @@ def run_finalize(
             f"{model_identity(spec.model)}"
         )
     with ResultStore(url) as store:
-        evaluator = TaskEvaluator(
-            loaded,
-            EvaluatorOptions(
-                model_id=spec.model_id,
-                task=spec.task,
-                num_fewshot=spec.num_fewshot,
-                batch_size=batch_size,
-                metric=spec.metric,
-                seed=spec.seed,
-                max_gen_toks=max_gen_toks,
-                store=store,
-                progress=progress,
-            ),
+        options = study_options(
+            spec, batch_size=batch_size, max_gen_toks=max_gen_toks, store=store, progress=progress
         )
+        evaluator = TaskEvaluator(loaded, options)
         report = finalize(
             study,
             spec,
