@@ -91,6 +91,30 @@ def tiny_tokenizer(vocab: int = 256):
     return fast
 
 
+def run_cli(args: list[str], cwd) -> object:
+    """Run ``autosparse ARGS`` in-process from folder ``cwd`` (where studies/ lands);
+    returns click's Result."""
+    from click.testing import CliRunner
+
+    from autosparse.cli import main
+
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        return CliRunner(env={"COLUMNS": "250"}).invoke(main, args, catch_exceptions=False)
+    finally:
+        os.chdir(old)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny Llama and tokenizer saved as a model folder (``--model DIR``)."""
+    path = tmp_path_factory.mktemp("model") / "tiny"
+    tiny_llama(layers=4, hidden=64, neurons=128, vocab=300).save_pretrained(path)
+    tiny_tokenizer(300).save_pretrained(path)
+    return str(path)
+
+
 @pytest.fixture
 def llama():
     return tiny_llama()

