@@ -48,8 +48,7 @@ def run_eval(args, task: str, shots: int, max_gen: int | None, method: str) -> d
     if max_gen is not None:
         cmd += ["--max-gen-toks", str(max_gen)]
     if method == "coreinfer":
-        # sliced gives the same outputs as masked and is the faster mode on a CPU
-        cmd += ["--keep", str(args.keep), "--mode", "sliced"]
+        cmd += ["--keep", str(args.keep), "--mode", args.mode]
     print("$ autosparse", " ".join(cmd[3:]), file=sys.stderr, flush=True)
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out)
@@ -65,6 +64,9 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--keep", type=float, default=0.4)
     parser.add_argument("--limit", type=int, default=60)
+    # masked and sliced give the same outputs; masked is the faster one for batched
+    # continuation scoring (multiple choice) on a CPU, sliced for batch-1 generation
+    parser.add_argument("--mode", choices=("masked", "sliced"), default="masked")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument(
         "--candidate",
