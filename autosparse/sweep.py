@@ -667,6 +667,13 @@ def _headers(sweep: Sweep) -> list[str]:
     ]
 
 
+def _series_label(p: SweepPoint) -> str:
+    """The series' name; the uniform series is GRIFFIN's when GRIFFIN chose its neurons."""
+    if p.series == COREINFER and p.row.selector == "griffin":
+        return "GRIFFIN"
+    return SERIES_LABELS[p.series]
+
+
 def _cells(p: SweepPoint) -> list[str]:
     row = p.row
 
@@ -679,7 +686,7 @@ def _cells(p: SweepPoint) -> list[str]:
         diff = f"{d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}]"
     return [
         "—" if p.goal is None else f"{p.goal:g}",
-        SERIES_LABELS[p.series],
+        _series_label(p),
         row.label,
         fixed(row.planned_keep),
         fixed(row.density),
@@ -824,7 +831,9 @@ def plot(sweep: Sweep, path: str | Path) -> Path:
             ax.errorbar(xs, ys, yerr=[lows, highs], label=label, capsize=3, marker="o", **style)
             return points
 
-        core = draw(sweep.series(COREINFER), "CoreInfer (keep = goal)", color="tab:orange")
+        uniform = sweep.series(COREINFER)
+        name = _series_label(uniform[0]) if uniform else SERIES_LABELS[COREINFER]
+        core = draw(uniform, f"{name} (keep = goal)", color="tab:orange")
         for p in core:
             ax.annotate(
                 f"keep {p.goal:g}",
