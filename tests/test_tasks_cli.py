@@ -198,3 +198,14 @@ def test_dense_with_a_selector_is_a_one_line_error(setup):
     assert result.exit_code == 1
     assert result.output.strip().startswith("Error: --selector griffin needs --method")
     assert "Traceback" not in result.output
+
+
+def test_eval_levels_file_with_griffin(setup, tmp_path):
+    levels = tmp_path / "levels.json"
+    levels.write_text("[0.2, 0.5]")
+    args = ("--method", "levels", "--levels", str(levels), "--json")
+    result = invoke(setup, *args, "--selector", "griffin", "--mode", "sliced")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["method"]["name"] == "levels" and data["method"]["selector"] == "griffin"
+    assert data["layer_density"] == [25 / 128, 64 / 128]  # the levels say how many
