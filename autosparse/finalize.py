@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from autosparse.errors import ConfigError
 from autosparse.levels import average_levels
-from autosparse.methods import Method
+from autosparse.methods import Method, uniform_label
 from autosparse.tuning import Evaluator, StudySpec, clamp_levels, finished_trials
 
 
@@ -57,7 +57,12 @@ def candidates(
     for t in trials:
         params = dict(t.user_attrs.get("params") or t.params)
         method = Method.levels(
-            t.user_attrs["levels"], spec.token_ratio, layers=spec.layers, mode=mode, params=params
+            t.user_attrs["levels"],
+            spec.token_ratio,
+            layers=spec.layers,
+            mode=mode,
+            selector=spec.selector,
+            params=params,
         )
         out.append(Candidate(f"trial #{t.number}", method, params))
     if len(trials) > 1:
@@ -70,6 +75,7 @@ def candidates(
                     spec.token_ratio,
                     layers=spec.layers,
                     mode=mode,
+                    selector=spec.selector,
                     params={"average_of": [t.number for t in trials]},
                 ),
                 None,
@@ -108,9 +114,9 @@ def finalize(
     if not ids:
         raise ConfigError("no held-out documents left to evaluate")
     core_method = Method.coreinfer(
-        spec.baseline_keep, spec.token_ratio, layers=spec.layers, mode=mode
+        spec.baseline_keep, spec.token_ratio, layers=spec.layers, mode=mode, selector=spec.selector
     )
-    say(f"CoreInfer (keep {spec.baseline_keep:g}) on {len(ids)} documents")
+    say(f"{uniform_label(spec.baseline_keep, spec.selector)} on {len(ids)} documents")
     core = evaluator.run(core_method, ids)
     say(f"dense on {len(ids)} documents")
     dense = evaluator.run(Method.dense(), ids)
@@ -137,7 +143,7 @@ def finalize(
         meta={
             "study": study.study_name,
             "goal (mean keep)": goal,
-            "baseline": f"CoreInfer keep {spec.baseline_keep:g}, token ratio {spec.token_ratio:g}",
+            "baseline": baseline_text(spec),
             "selection": "raw screen mean"
             if select == "mean"
             else "lower confidence bound vs CoreInfer",
@@ -199,6 +205,17 @@ def _screen_section(study, spec: StudySpec, chosen: Sequence[Candidate]):
     )
 
 
+def baseline_text(spec: StudySpec) -> str:
+    """The baseline a study's reports compare with: one keep ratio for every sparse layer,
+    chosen by the study's selector."""
+    if spec.selector == "griffin":
+        return (
+            f"GRIFFIN keep {spec.baseline_keep:g} (the 'CoreInfer' columns compare with it; "
+            "every method of this study selects with GRIFFIN)"
+        )
+    return f"CoreInfer keep {spec.baseline_keep:g}, token ratio {spec.token_ratio:g}"
+
+
 def _objective_label(spec: StudySpec) -> str:
     if spec.objective == "task":
         return "per-sample means of the task metric"
@@ -209,7 +226,7 @@ def _baseline_rows(spec: StudySpec, core, dense) -> list:
     """The CoreInfer and dense rows every section starts with."""
     from autosparse.report import make_row
 
-    label = f"CoreInfer keep={spec.baseline_keep:g}"
+    label = uniform_label(spec.baseline_keep, spec.selector)
     return [
         make_row(label, core, coreinfer=core, dense=dense, seed=spec.seed),
         make_row("dense", dense, coreinfer=core, dense=dense, seed=spec.seed),

@@ -10,26 +10,45 @@ from typing import Any
 from autosparse.errors import ConfigError
 
 METHODS = ("dense", "coreinfer", "levels")
+#: how each prompt's kept neurons are chosen (engine.config.SELECTORS), as reports name them
+SELECTOR_NAMES = {"coreinfer": "CoreInfer", "griffin": "GRIFFIN"}
+DEFAULT_SELECTOR = "coreinfer"
+
+
+def uniform_label(keep: float, selector: str = DEFAULT_SELECTOR) -> str:
+    """How reports name one keep ratio for every sparse layer: "CoreInfer keep=0.4",
+    "GRIFFIN keep=0.4"."""
+    return f"{SELECTOR_NAMES[selector]} keep={keep:g}"
 
 
 @dataclass(frozen=True)
 class Method:
     """What runs sparse and how. ``keep`` is a float for coreinfer and a tuple (one entry
     per sparse layer) for levels; it is None for dense. ``layers`` is "START:STOP" or None
-    for the model's default range. ``params`` carries descriptive metadata only (for
-    levels: w_sum, w_count, threshold, top_k, ...); it does not change the computation."""
+    for the model's default range. ``selector`` chooses which neurons a prompt keeps
+    (``keep`` says how many): "coreinfer" (votes) or "griffin" (column norms; it has no
+    token ratio, so ``token_ratio`` is not part of a griffin method's identity).
+    ``params`` carries descriptive metadata only (for levels: w_sum, w_count, threshold,
+    top_k, ...); it does not change the computation."""
 
     name: str
     keep: float | tuple[float, ...] | None = None
     token_ratio: float = 0.2
     layers: str | None = None
     mode: str = "masked"
+    selector: str = DEFAULT_SELECTOR
     params: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         if self.name not in METHODS:
             raise ConfigError(f"unknown method {self.name!r}; choose one of {', '.join(METHODS)}")
+        if self.selector not in SELECTOR_NAMES:
+            raise ConfigError(
+                f"unknown selector {self.selector!r}; choose one of {', '.join(SELECTOR_NAMES)}"
+            )
         if self.name == "dense":
+            if self.selector != DEFAULT_SELECTOR:
+                raise ConfigError("the dense method keeps every neuron; it takes no selector")
             return
         if self.keep is None:
             raise ConfigError(f"method {self.name} needs a keep ratio (or a levels vector)")
@@ -66,19 +85,29 @@ class Method:
     def label(self) -> str:
         if self.name == "dense":
             return "dense"
+        if self.selector == "griffin":
+            if self.name == "coreinfer":
+                return uniform_label(self.keep, self.selector)
+            return f"levels mean={self.mean_keep:.3f} GRIFFIN"
         if self.name == "coreinfer":
             return f"coreinfer keep={self.keep:g} q={self.token_ratio:g}"
         return f"levels mean={self.mean_keep:.3f} q={self.token_ratio:g}"
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able identity of the method (what a stored result is keyed by)."""
-        return {
+        """JSON-able identity of the method (what a stored result is keyed by). The
+        default selector adds no entry, so results stored before selectors existed keep
+        their keys."""
+        griffin = self.selector == "griffin"
+        out = {
             "name": self.name,
             "keep": list(self.keep) if isinstance(self.keep, tuple) else self.keep,
-            "token_ratio": None if self.name == "dense" else self.token_ratio,
+            "token_ratio": None if self.name == "dense" or griffin else self.token_ratio,
             "layers": self.layers,
             "mode": None if self.name == "dense" else self.mode,
         }
+        if self.selector != DEFAULT_SELECTOR:
+            out["selector"] = self.selector
+        return out
 
     @contextlib.contextmanager
     def apply(self, model) -> Iterator[Any]:
@@ -89,6 +118,11 @@ class Method:
         from autosparse.engine import SparseEngine
 
         with SparseEngine(
-            model, self.keep, token_ratio=self.token_ratio, layers=self.layers, mode=self.mode
+            model,
+            self.keep,
+            token_ratio=self.token_ratio,
+            layers=self.layers,
+            mode=self.mode,
+            selector=self.selector,
         ) as engine:
             yield engine

@@ -77,6 +77,7 @@ class ReportRow:
     diff: PairedDiff | None = None
     stderr: float | None = None
     is_baseline: bool = False
+    selector: str | None = None  # "griffin" when GRIFFIN chose the neurons, else None
 
     @property
     def verdict(self) -> str:
@@ -217,6 +218,7 @@ def make_row(
         diff=diff,
         stderr=stderr,
         is_baseline=coreinfer is not None and result is coreinfer,
+        selector=method.get("selector"),
     )
 
 
@@ -265,7 +267,8 @@ def _params_cell(row: ReportRow) -> str:
         )
     if row.method == "coreinfer" and row.keep is not None:
         q = "" if row.token_ratio is None else f", token ratio {row.token_ratio:g}"
-        return f"keep {row.keep:g}{q}"
+        by = ", GRIFFIN" if row.selector == "griffin" else ""
+        return f"keep {row.keep:g}{q}{by}"
     return "—"
 
 
@@ -529,6 +532,7 @@ class StudySummary:
     calibration: str | None
     baselines: dict[str, dict[str, Any]]
     trials: list[TrialRow]
+    selector: str = "coreinfer"
 
 
 def _dash(x: float | None, digits: int = 3) -> str:
@@ -556,6 +560,10 @@ def study_tables(summary: StudySummary) -> list[Any]:
         ("calibration", summary.calibration),
     ):
         header.add_row(f"[bold]{k}", str(v))
+    if summary.selector != "coreinfer":
+        header.add_row(
+            "[bold]selector", f"{summary.selector} (the coreinfer baseline and every trial)"
+        )
     for label, b in summary.baselines.items():
         header.add_row(
             f"[bold]{label} on screen",

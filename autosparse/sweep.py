@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from autosparse.errors import ConfigError
-from autosparse.methods import Method
+from autosparse.methods import Method, uniform_label
 from autosparse.results import EvalResult
 
 if TYPE_CHECKING:
@@ -325,10 +325,11 @@ class Sweep:
         return next(p for p in self.points if p.series == DENSE)
 
 
-def default_sweep_name(model: str, task: str) -> str:
+def default_sweep_name(model: str, task: str, selector: str = "coreinfer") -> str:
     from autosparse.tuning import default_study_name
 
-    return default_study_name(model, task, 1.0, None).removesuffix("-g1") + "-sweep"
+    stem = default_study_name(model, task, 1.0, None).removesuffix("-g1") + "-sweep"
+    return stem if selector == "coreinfer" else f"{stem}-{selector}"
 
 
 def parse_goals(text: str) -> list[float]:
@@ -438,7 +439,7 @@ def run_sweep(
     if top_k < 1:
         raise ConfigError("--top-k must be at least 1")
     root = workflow.STUDIES_DIR
-    name = name or default_sweep_name(spec.model, spec.task)
+    name = name or default_sweep_name(spec.model, spec.task, spec.selector)
     say = on_status or (lambda _: None)
     specs = [replace(spec, goal=g, goal_from_baseline=None) for g in goals]
 
@@ -446,7 +447,7 @@ def run_sweep(
     loaded = workflow.load_quietly(spec.model, device, dtype)
     tuned: dict[float, tuple[str, str]] = {}
     for g, goal_spec in zip(goals, specs, strict=True):
-        study_name = default_study_name(spec.model, spec.task, g, None)
+        study_name = default_study_name(spec.model, spec.task, g, None, spec.selector)
         say(f"goal {g:g}: study {study_name}")
         outcome = workflow.run_tune(
             goal_spec,
@@ -564,7 +565,7 @@ def _evaluate(
     say: Callable[[str], None],
 ) -> Sweep:
     """Every point of the sweep on ``ids`` and the iso-quality results."""
-    from autosparse.finalize import candidates
+    from autosparse.finalize import baseline_text, candidates
     from autosparse.report import make_row
 
     prepare = getattr(evaluator, "prepare", None)
@@ -577,9 +578,11 @@ def _evaluate(
         return evaluator.run(method, ids)
 
     def core(keep: float) -> Method:
-        return Method.coreinfer(keep, spec.token_ratio, layers=spec.layers, mode=mode)
+        return Method.coreinfer(
+            keep, spec.token_ratio, layers=spec.layers, mode=mode, selector=spec.selector
+        )
 
-    ref_label = f"CoreInfer keep={spec.baseline_keep:g}"
+    ref_label = uniform_label(spec.baseline_keep, spec.selector)
     reference = run(ref_label, core(spec.baseline_keep))
     dense = run("dense", Method.dense())
 
@@ -595,7 +598,7 @@ def _evaluate(
         points.append(point(None, COREINFER, ref_label, reference))
     for g in goals:
         study, study_spec = studies[g]
-        label = f"CoreInfer keep={g:g}"
+        label = uniform_label(g, spec.selector)
         result = reference if math.isclose(g, spec.baseline_keep) else run(label, core(g))
         points.append(point(g, COREINFER, label, result))
         chosen = candidates(study, study_spec, top_k=top_k, select=select, mode=mode)
@@ -630,7 +633,7 @@ def _evaluate(
         iso=iso,
         studies={g: studies[g][0].study_name for g in goals},
         meta={
-            "baseline": f"CoreInfer keep {spec.baseline_keep:g}, token ratio {spec.token_ratio:g}",
+            "baseline": baseline_text(spec),
             "tuned levels": f"best trial and AVG of the top {top_k} (ranked by "
             + ("screen mean" if select == "mean" else "lower confidence bound vs CoreInfer")
             + ")",
@@ -664,6 +667,13 @@ def _headers(sweep: Sweep) -> list[str]:
     ]
 
 
+def _series_label(p: SweepPoint) -> str:
+    """The series' name; the uniform series is GRIFFIN's when GRIFFIN chose its neurons."""
+    if p.series == COREINFER and p.row.selector == "griffin":
+        return "GRIFFIN"
+    return SERIES_LABELS[p.series]
+
+
 def _cells(p: SweepPoint) -> list[str]:
     row = p.row
 
@@ -676,7 +686,7 @@ def _cells(p: SweepPoint) -> list[str]:
         diff = f"{d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}]"
     return [
         "—" if p.goal is None else f"{p.goal:g}",
-        SERIES_LABELS[p.series],
+        _series_label(p),
         row.label,
         fixed(row.planned_keep),
         fixed(row.density),
@@ -821,7 +831,9 @@ def plot(sweep: Sweep, path: str | Path) -> Path:
             ax.errorbar(xs, ys, yerr=[lows, highs], label=label, capsize=3, marker="o", **style)
             return points
 
-        core = draw(sweep.series(COREINFER), "CoreInfer (keep = goal)", color="tab:orange")
+        uniform = sweep.series(COREINFER)
+        name = _series_label(uniform[0]) if uniform else SERIES_LABELS[COREINFER]
+        core = draw(uniform, f"{name} (keep = goal)", color="tab:orange")
         for p in core:
             ax.annotate(
                 f"keep {p.goal:g}",

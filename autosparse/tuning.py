@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from autosparse.errors import ConfigError, StorageError
-from autosparse.methods import Method
+from autosparse.methods import SELECTOR_NAMES, Method
 from autosparse.results import EvalResult
 from autosparse.stats import mean
 
@@ -55,6 +55,7 @@ IDENTITY_FIELDS = (
     "threshold_range",
     "couple_w_count",
     "objective",
+    "selector",
 )
 
 
@@ -83,6 +84,8 @@ class StudySpec:
     batch_size: int = 1
     prune: bool = True
     objective: str = "task"
+    #: which neurons every method of the study keeps (the baseline's and the trials')
+    selector: str = "coreinfer"
 
     def __post_init__(self) -> None:
         if (self.goal is None) == (self.goal_from_baseline is None):
@@ -102,6 +105,10 @@ class StudySpec:
         if self.objective not in OBJECTIVES:
             raise ConfigError(
                 f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}"
+            )
+        if self.selector not in SELECTOR_NAMES:
+            raise ConfigError(
+                f"unknown selector {self.selector!r}; choose one of {', '.join(SELECTOR_NAMES)}"
             )
         if self.screen < 1:
             raise ConfigError("--screen must be at least 1")
@@ -134,9 +141,17 @@ class StudySpec:
 
 
 def default_study_name(
-    model: str, task: str, goal: float | None, from_baseline: float | None
+    model: str,
+    task: str,
+    goal: float | None,
+    from_baseline: float | None,
+    selector: str = "coreinfer",
 ) -> str:
+    """MODEL-TASK-gGOAL (or -bFACTOR), with -griffin appended for GRIFFIN's selector (a
+    study is tied to one selector; CoreInfer's names are as they always were)."""
     tail = f"g{goal:g}" if goal is not None else f"b{from_baseline:g}"
+    if selector != "coreinfer":
+        tail += f"-{selector}"
     stem = Path(model).name if ("/" in model and Path(model).exists()) else model
     return f"{stem}-{task}-{tail}".replace("/", "_").replace(" ", "_")
 
@@ -261,6 +276,7 @@ class Tuner:
             self.spec.baseline_keep,
             self.spec.token_ratio,
             layers=self.spec.layers,
+            selector=self.spec.selector,
             **self.method_defaults,
         )
 
@@ -344,6 +360,7 @@ class Tuner:
             levels,
             self.spec.token_ratio,
             layers=self.spec.layers,
+            selector=self.spec.selector,
             params=params,
             **self.method_defaults,
         )

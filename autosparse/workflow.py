@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from autosparse.errors import ConfigError, StorageError
+from autosparse.methods import uniform_label
 from autosparse.storage import sqlite_file
 from autosparse.tuning import (
     HEARTBEAT,
@@ -92,7 +93,7 @@ def run_tune(
 
     say = on_status or _ignore
     name = study_name or default_study_name(
-        spec.model, spec.task, spec.goal, spec.goal_from_baseline
+        spec.model, spec.task, spec.goal, spec.goal_from_baseline, spec.selector
     )
     url = _study_storage(name, storage)
     _, task_obj = load_task(canonical_name(spec.task))  # an unknown task fails before any write
@@ -161,8 +162,8 @@ def run_tune(
     tuner.prepare(screen, on_status=say)
     core, dense = tuner.baseline("coreinfer"), tuner.baseline("dense")
     say(
-        f"screen: dense {evaluator.metric} {dense.score:.4g}, CoreInfer keep {spec.baseline_keep:g} "
-        f"{core.score:.4g} (realized density {_fmt(core.density)}); goal mean keep {tuner.goal:.4g}"
+        f"screen: dense {evaluator.metric} {dense.score:.4g}, "
+        f"{uniform_label(spec.baseline_keep, spec.selector)} {core.score:.4g} (realized density {_fmt(core.density)}); goal mean keep {tuner.goal:.4g}"
     )
     if enqueue_reference and not study.trials:
         relu = adapter.kind == "relu"
@@ -390,4 +391,5 @@ def study_summary(name: str, storage: str | None = None) -> StudySummary:
             if attrs.get(f"baseline:{label}")
         },
         trials=trials,
+        selector=spec.get("selector", "coreinfer"),
     )

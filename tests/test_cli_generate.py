@@ -133,3 +133,15 @@ def test_levels_file_of_wrong_length(model_dir, tmp_path):
         "1:3",
     )
     assert result.exit_code == 1 and "3 entries but 2 layers" in result.output
+
+
+def test_generate_with_griffin_keeps_exactly_the_planned_count(model_dir):
+    args = ["--model", model_dir, "--device", "cpu", "--prompt", "hello there", "--keep"]
+    args += ["0.3", "--layers", "1:3", "--max-new-tokens", "4", "--json"]
+    result = invoke(*args, "--selector", "griffin", "--mode", "sliced")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["method"]["selector"] == "griffin" and out["method"]["mode"] == "sliced"
+    assert out["layer_density"] == [38 / 128, 38 / 128]  # floor(0.3 * 128) per layer
+    table = invoke(*args[:-1], "--selector", "griffin")
+    assert table.exit_code == 0 and "GRIFFIN keep=0.3" in table.output

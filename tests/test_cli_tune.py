@@ -205,3 +205,35 @@ def test_prompt_cache_size_reaches_the_fidelity_evaluator(model_dir, tmp_path, m
     result = run([*args, "--prompt-cache-gb", "0"], tmp_path)
     assert result.exit_code == 0, result.output
     assert seen == [0.0]
+
+
+def test_a_study_refuses_another_selector(tuned, model_dir):
+    cwd, _ = tuned
+    before = trials_of(cwd)
+    args = [*TUNE, "--model", model_dir, "--study", "tiny-csqa-local-g0.4"]
+    result = run([*args, "--selector", "griffin"], cwd)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "was created with selector='coreinfer', not 'griffin'" in lines[0]
+    assert trials_of(cwd) == before
+
+
+def test_a_griffin_study_tunes_and_finalizes_with_griffin(model_dir, tmp_path):
+    name = "tiny-csqa-local-g0.4-griffin"  # its own default name beside CoreInfer's
+    tune = [*TUNE[:6], "1", *TUNE[7:8], "4", *TUNE[9:], "--model", model_dir]  # 1 trial, 4 docs
+    result = run([*tune, "--selector", "griffin"], tmp_path)
+    assert result.exit_code == 0, result.output
+    assert "GRIFFIN keep=0.4" in result.output
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path}/studies/{name}.db")
+    assert study.user_attrs["baseline:coreinfer"]["method"]["selector"] == "griffin"
+    shown = run(["show", name], tmp_path)
+    assert shown.exit_code == 0 and "griffin" in shown.output
+    args = ["finalize", "--study", name, "--top-k", "1", "--limit", "4", "--device", "cpu"]
+    result = run(args, tmp_path)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "studies" / name / "report.json").read_text())
+    rows = report["sections"][0]["rows"]
+    assert rows[0]["label"] == "GRIFFIN keep=0.4" and rows[0]["selector"] == "griffin"
+    assert all(r["selector"] == "griffin" for r in rows if r["method"] != "dense")
+    assert rows[0]["density"] == pytest.approx(51 / 128)  # exactly floor(0.4 * 128)
+    assert report["meta"]["baseline"].startswith("GRIFFIN keep 0.4")

@@ -70,6 +70,8 @@ METHODS = [
     pytest.param("coreinfer", "sliced", id="coreinfer-sliced"),
     pytest.param("levels", "masked", id="levels-masked"),
     pytest.param("levels", "sliced", id="levels-sliced"),
+    pytest.param("griffin", "masked", id="griffin-masked"),
+    pytest.param("griffin-levels", "sliced", id="griffin-levels-sliced"),
 ]
 
 
@@ -78,6 +80,10 @@ def _method(name, mode):
         return Method.dense()
     if name == "coreinfer":
         return Method.coreinfer(0.3, mode=mode)
+    if name == "griffin":
+        return Method.coreinfer(0.3, mode=mode, selector="griffin")
+    if name == "griffin-levels":
+        return Method.levels([0.2, 0.5], mode=mode, selector="griffin")
     return Method.levels([0.2, 0.5], mode=mode)  # tiny models: layers 1..2 run sparse
 
 

@@ -349,3 +349,46 @@ def test_workers_starting_together_on_a_new_database(url):
     assert errors == [None] * n
     with ResultStore(url) as s:
         assert sorted(r.score for r in s.list()) == [0.0, 1.0, 2.0, 3.0]
+
+
+def test_the_selector_is_part_of_a_method_identity_but_not_the_default_one():
+    import hashlib
+    import json
+
+    # the identity CoreInfer methods had before selectors existed: stored keys still match
+    old = {"name": "coreinfer", "keep": 0.4, "token_ratio": 0.2, "layers": None, "mode": "masked"}
+    old_key = hashlib.sha256(json.dumps(old, sort_keys=True, separators=(",", ":")).encode())
+    assert Method.coreinfer(0.4).to_dict() == old
+    assert method_key(Method.coreinfer(0.4)) == old_key.hexdigest()
+    assert "selector" not in Method.levels([0.4, 0.5]).to_dict()
+
+    griffin = Method.coreinfer(0.4, selector="griffin")
+    assert griffin.to_dict()["selector"] == "griffin"
+    assert method_key(griffin) != method_key(Method.coreinfer(0.4))
+    levels = Method.levels([0.4, 0.5], selector="griffin")
+    assert method_key(levels) != method_key(Method.levels([0.4, 0.5]))
+    # GRIFFIN has no token ratio: it is not part of its identity
+    assert method_key(griffin) == method_key(Method.coreinfer(0.4, 0.7, selector="griffin"))
+    assert griffin.label() == "GRIFFIN keep=0.4"
+    assert "GRIFFIN" in levels.label()
+
+
+def test_a_griffin_result_is_found_only_as_griffin(store):
+    griffin = Method.coreinfer(0.4, selector="griffin")
+    store.save(_result(Method.coreinfer(0.4), score=1.0))
+    store.save(_result(griffin, score=2.0))
+    assert store.find("smollm2-135m", "truthfulqa-local", griffin, SETTINGS).score == 2.0
+    core = store.find("smollm2-135m", "truthfulqa-local", Method.coreinfer(0.4), SETTINGS)
+    assert core.score == 1.0
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [({"name": "dense", "selector": "griffin"}, "no selector"), ({"selector": "x"}, "unknown")],
+)
+def test_bad_selectors_are_refused(kw, message):
+    from autosparse.errors import ConfigError
+
+    kw = {"name": "coreinfer", "keep": 0.4, **kw}
+    with pytest.raises(ConfigError, match=message):
+        Method(**kw)

@@ -181,6 +181,49 @@ def test_points_of_a_sweep_with_a_stand_in_evaluator(tmp_path):
     assert "| — | CoreInfer | CoreInfer keep=0.4 |" in md.read_text()
 
 
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_a_griffin_sweep_runs_and_names_griffin_everywhere(tmp_path):
+    import optuna
+    from test_tuning import FakeEvaluator, FakeLevels
+
+    from autosparse.sweep import _evaluate, default_sweep_name, write_sweep
+    from autosparse.tuning import StudySpec, Tuner, create_or_resume
+
+    storage = optuna.storages.InMemoryStorage()
+    studies = {}
+    for goal in (0.3, 0.5):
+        spec = StudySpec(
+            model="fake", model_id="fake-id", task="fake", screen=16, goal=goal, selector="griffin"
+        )
+        study = create_or_resume(storage, f"fake-g{goal:g}-griffin", spec)
+        tuner = Tuner(study, spec, FakeEvaluator(), FakeLevels())
+        tuner.prepare(list(range(100, 116)))
+        tuner.run(trials=2)
+        studies[goal] = (study, spec)
+    evaluator = FakeEvaluator(n_docs=100)
+    seen, run = [], evaluator.run
+    evaluator.run = lambda method, ids: seen.append(method) or run(method, ids)
+    sweep = _evaluate(
+        "fake-sweep",
+        studies[0.3][1],
+        [0.3, 0.5],
+        studies,
+        evaluator,
+        list(range(30)),
+        top_k=2,
+        select="mean",
+        mode="masked",
+        n_boot=100,
+        say=lambda _: None,
+    )
+    assert all(m.selector == "griffin" for m in seen if m.name != "dense")
+    assert sweep.reference == "GRIFFIN keep=0.4"
+    md, _, _ = write_sweep(sweep, tmp_path / "out")
+    assert "| 0.3 | GRIFFIN | GRIFFIN keep=0.3 |" in md.read_text()
+    assert default_sweep_name("m", "t", "griffin") == "m-t-sweep-griffin"
+    assert default_sweep_name("m", "t") == "m-t-sweep"
+
+
 # ------------------------------------------------------------------ end to end
 
 needs_data = pytest.mark.skipif(

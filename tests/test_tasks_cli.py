@@ -167,3 +167,45 @@ def test_a_stored_result_is_returned_without_loading_the_model(setup, monkeypatc
     assert data["sample_scores"] == stored["sample_scores"] and data["metric"] == stored["metric"]
     with pytest.raises(AssertionError, match="the model was loaded"):
         invoke(setup, *args, "--force")  # --force evaluates again: it needs the model
+
+
+@pytest.mark.parametrize("metric", [["--metric", "kl"], []], ids=["kl", "acc"])
+def test_eval_selector_griffin_is_its_own_stored_method(setup, metric):
+    args = ("--method", "coreinfer", "--keep", "0.35", *metric, "--json")
+    votes = json.loads(invoke(setup, *args).stdout)
+    first = invoke(setup, *args, "--selector", "griffin")
+    assert first.exit_code == 0, first.output
+    griffin = json.loads(first.stdout)
+    assert griffin["cached"] is False  # not CoreInfer's stored result
+    assert griffin["method"]["selector"] == "griffin" and "selector" not in votes["method"]
+    assert griffin["method"]["token_ratio"] is None  # GRIFFIN has no token ratio
+    # GRIFFIN always keeps exactly floor(keep * N) neurons of every sparse layer
+    assert griffin["layer_density"] == [44 / 128, 44 / 128]
+    if metric:  # the kept neurons differ, so the next-token distributions do
+        assert griffin["sample_scores"] != votes["sample_scores"]
+    again = json.loads(invoke(setup, *args, "--selector", "griffin").stdout)
+    assert again["cached"] is True and again["sample_scores"] == griffin["sample_scores"]
+
+
+def test_eval_table_names_griffin(setup):
+    result = invoke(setup, "--method", "coreinfer", "--keep", "0.35", "--selector", "griffin")
+    assert result.exit_code == 0, result.output
+    assert "GRIFFIN keep=0.35" in result.output
+
+
+def test_dense_with_a_selector_is_a_one_line_error(setup):
+    result = invoke(setup, "--method", "dense", "--selector", "griffin")
+    assert result.exit_code == 1
+    assert result.output.strip().startswith("Error: --selector griffin needs --method")
+    assert "Traceback" not in result.output
+
+
+def test_eval_levels_file_with_griffin(setup, tmp_path):
+    levels = tmp_path / "levels.json"
+    levels.write_text("[0.2, 0.5]")
+    args = ("--method", "levels", "--levels", str(levels), "--json")
+    result = invoke(setup, *args, "--selector", "griffin", "--mode", "sliced")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["method"]["name"] == "levels" and data["method"]["selector"] == "griffin"
+    assert data["layer_density"] == [25 / 128, 64 / 128]  # the levels say how many

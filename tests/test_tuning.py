@@ -259,3 +259,53 @@ def test_finalize_reports_top_trials_avg_and_baselines(tmp_path):
     assert held_out_ids(range(10), calibration=[0, 1]) == list(range(2, 10))
     with pytest.raises(ConfigError, match="exceeds"):
         held_out_ids(range(10), calibration=[0], screen=[1, 2], limit=8)
+
+
+def test_a_griffin_study_selects_with_griffin_everywhere(tmp_path):
+    from autosparse.finalize import candidates
+
+    tuner = make_tuner(tmp_path, selector="griffin")
+    seen, run = [], tuner.evaluator.run
+    tuner.evaluator.run = lambda method, ids: seen.append(method) or run(method, ids)
+    tuner.run(trials=3)
+    assert {m.name for m in seen} == {"levels"}
+    assert all(m.selector == "griffin" for m in seen)
+    assert tuner.baseline("coreinfer").method["selector"] == "griffin"
+    assert tuner.study.trials[0].user_attrs["levels"]
+    for c in candidates(tuner.study, tuner.spec, top_k=2, select="mean"):
+        assert c.method.selector == "griffin"
+
+
+def test_a_study_refuses_to_resume_with_another_selector(tmp_path):
+    make_tuner(tmp_path).run(trials=1)
+    storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat=None)
+    griffin = StudySpec(
+        model="fake", model_id="fake-id", task="fake", goal=0.4, screen=16, selector="griffin"
+    )
+    with pytest.raises(StorageError, match="selector='coreinfer', not 'griffin'") as info:
+        create_or_resume(storage, "s", griffin)
+    assert "\n" not in str(info.value)
+    assert len(optuna.load_study(study_name="s", storage=storage).trials) == 1
+
+
+def test_a_study_stored_before_selectors_resumes_as_coreinfer(tmp_path):
+    from autosparse.tuning import SPEC_ATTR
+
+    tuner = make_tuner(tmp_path)
+    tuner.run(trials=1)
+    old = {k: v for k, v in tuner.study.user_attrs[SPEC_ATTR].items() if k != "selector"}
+    tuner.study.set_user_attr(SPEC_ATTR, old)
+    storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat=None)
+    create_or_resume(storage, "s", tuner.spec)  # the default selector: accepted
+    griffin = StudySpec(
+        model="fake", model_id="fake-id", task="fake", goal=0.4, screen=16, selector="griffin"
+    )
+    with pytest.raises(StorageError, match="selector"):
+        create_or_resume(storage, "s", griffin)
+
+
+def test_default_study_names_keep_coreinfer_names():
+    from autosparse.tuning import default_study_name
+
+    assert default_study_name("m", "t", 0.4, None) == "m-t-g0.4"
+    assert default_study_name("m", "t", 0.4, None, "griffin") == "m-t-g0.4-griffin"

@@ -24,11 +24,14 @@ class OPTAdapter(FamilyAdapter):
         return int(self.decoder_layers(model)[0].fc1.out_features)
 
     def patch_layer(self, layer, runtime) -> Restore:
+        import torch.nn.functional as F
+
         from autosparse.engine.modules import SparseOPTFc1, SparseOPTFc2
 
         fc1, fc2 = layer.fc1, layer.fc2
         # OPT's layer flattens tokens to (B*T, D) around the FFN; the runtime knows B and T.
-        layer.fc1 = SparseOPTFc1(fc1, runtime)
+        # (the ReLU between them makes fc2's input, which GRIFFIN's selection ranks)
+        layer.fc1 = SparseOPTFc1(fc1, runtime, getattr(layer, "activation_fn", F.relu))
         layer.fc2 = SparseOPTFc2(fc2, runtime)
 
         def restore() -> None:

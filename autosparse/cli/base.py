@@ -82,8 +82,22 @@ def mode_option(f):
     )(f)
 
 
+def selector_option(f):
+    return click.option(
+        "--selector",
+        type=click.Choice(["coreinfer", "griffin"]),
+        default="coreinfer",
+        show_default=True,
+        help="Which neurons a prompt keeps (the keep ratio or levels say how many): "
+        "coreinfer ranks by CoreInfer's token votes; griffin by the norm of each neuron's "
+        "activations over the prompt's tokens, each token scaled to unit norm (GRIFFIN; "
+        "no token ratio, always keeps exactly the planned count).",
+    )(f)
+
+
 def sparsity_options(f):
-    """--method, --keep, --token-ratio, --levels, --mode (shared by generate and eval)."""
+    """--method, --keep, --token-ratio, --selector, --levels, --mode (shared by generate
+    and eval)."""
     for opt in reversed(
         [
             click.option(
@@ -108,6 +122,7 @@ def sparsity_options(f):
                 show_default=True,
                 help="CoreInfer token ratio: per-token quota as a fraction of positive activations.",
             ),
+            selector_option,
             click.option(
                 "--levels",
                 "levels_file",
@@ -130,18 +145,24 @@ def build_method(
     levels_file: str | None,
     mode: str,
     layers: str | None,
+    selector: str = "coreinfer",
 ):
-    """The Method a command's --method/--keep/--token-ratio/--levels/--mode/--layers describe.
-    A levels file's own layer range applies unless --layers overrides it."""
+    """The Method a command's --method/--keep/--token-ratio/--levels/--mode/--layers/
+    --selector describe. A levels file's own layer range applies unless --layers
+    overrides it."""
     from autosparse.errors import ConfigError
     from autosparse.methods import Method
 
     if method == "dense":
+        if selector != "coreinfer":
+            raise ConfigError(
+                f"--selector {selector} needs --method coreinfer or levels, not dense"
+            )
         return Method.dense()
     if method == "coreinfer":
         if levels_file:
             raise ConfigError("--levels goes with --method levels, not coreinfer")
-        return Method.coreinfer(keep, token_ratio, layers=layers, mode=mode)
+        return Method.coreinfer(keep, token_ratio, layers=layers, mode=mode, selector=selector)
     if not levels_file:
         raise ConfigError(
             "--method levels needs --levels FILE (write one with `autosparse levels`)"
@@ -154,6 +175,7 @@ def build_method(
         token_ratio,
         layers=layers or loaded.layers,
         mode=mode,
+        selector=selector,
         params=dict(loaded.params),
     )
 

@@ -73,6 +73,7 @@ def eval_command(
     method,
     keep,
     token_ratio,
+    selector,
     levels_file,
     mode,
     layers,
@@ -95,7 +96,7 @@ def eval_command(
     """
     from autosparse.evaluate import evaluate_method
 
-    chosen = build_method(method, keep, token_ratio, levels_file, mode, layers)
+    chosen = build_method(method, keep, token_ratio, levels_file, mode, layers, selector)
     outcome = evaluate_method(
         model,
         task,

@@ -44,6 +44,7 @@ def generate_command(
     method,
     keep,
     token_ratio,
+    selector,
     levels_file,
     mode,
     layers,
@@ -63,7 +64,7 @@ def generate_command(
         texts += [line for line in Path(prompts_file).read_text().splitlines() if line.strip()]
     if not texts:
         raise ConfigError("give --prompt TEXT or --prompts-file FILE")
-    chosen = build_method(method, keep, token_ratio, levels_file, mode, layers)
+    chosen = build_method(method, keep, token_ratio, levels_file, mode, layers, selector)
     loaded = load(model, device, dtype)
 
     from autosparse.generation import generate

@@ -12,6 +12,7 @@ from autosparse.cli.base import (
     layers_option,
     mode_option,
     model_options,
+    selector_option,
 )
 from autosparse.cli.base import console as make_console
 from autosparse.tuning import HEARTBEAT
@@ -34,7 +35,10 @@ def study_options(f):
         "Use a PostgreSQL URL to share a study between machines.",
     )(f)
     f = click.option(
-        "--study", "study_name", default=None, help="Study name (default: MODEL-TASK-gGOAL)."
+        "--study",
+        "study_name",
+        default=None,
+        help="Study name (default: MODEL-TASK-gGOAL, with -griffin for --selector griffin).",
     )(f)
     return f
 
@@ -79,6 +83,7 @@ def study_spec(o: dict):
         top_k_choices=top_k_choices,
         prune=not o["no_prune"],
         objective=o["objective"],
+        selector=o["selector"],
     )
     from dataclasses import replace
 
@@ -136,7 +141,7 @@ def study_spec(o: dict):
     type=float,
     default=0.4,
     show_default=True,
-    help="CoreInfer's keep ratio for the baseline.",
+    help="Keep ratio of the baseline (one for every sparse layer, chosen by --selector).",
 )
 @click.option(
     "--token-ratio",
@@ -145,6 +150,7 @@ def study_spec(o: dict):
     show_default=True,
     help="CoreInfer token ratio (also used by the levels).",
 )
+@selector_option
 @layers_option
 @click.option(
     "--strategy",

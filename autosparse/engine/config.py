@@ -10,6 +10,8 @@ from autosparse.errors import ConfigError
 #: The reference's range (CoreInfer ``start_num=5, end_num=27``, both exclusive).
 REFERENCE_LAYERS = (6, 27)
 MODES = ("masked", "sliced")
+#: how a prompt's kept neurons are chosen: CoreInfer's votes or GRIFFIN's column norms
+SELECTORS = ("coreinfer", "griffin")
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,12 @@ def check_mode(mode: str) -> str:
     if mode not in MODES:
         raise ConfigError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     return mode
+
+
+def check_selector(selector: str) -> str:
+    if selector not in SELECTORS:
+        raise ConfigError(f"unknown selector {selector!r}; choose one of {', '.join(SELECTORS)}")
+    return selector
 
 
 def layer_range_text(layers: Sequence[int]) -> str | None:

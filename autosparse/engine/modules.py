@@ -147,10 +147,11 @@ class SparseOPTFc1(nn.Module):
     """OPT's fc1 (input (B*T, D), output pre-ReLU activations). At prefill it selects;
     in sliced decode it computes only the kept rows."""
 
-    def __init__(self, fc1: nn.Linear, runtime: LayerRuntime):
+    def __init__(self, fc1: nn.Linear, runtime: LayerRuntime, activation=F.relu):
         super().__init__()
         self.inner = fc1
         self.runtime = runtime
+        self.activation = activation  # the layer's own, between fc1 and fc2
         self._spare: dict[str, torch.Tensor] = {}  # last gathered weights, reused if they fit
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -158,7 +159,7 @@ class SparseOPTFc1(nn.Module):
         ctx = rt.context
         if ctx.prefill:
             a = self.inner(x)
-            rt.select(a.view(ctx.batch, ctx.length, -1))
+            rt.select(a.view(ctx.batch, ctx.length, -1), down_input=self.activation)
             if rt.mode == "sliced" and not rt.dense:
                 self._gather()
             return a

@@ -31,6 +31,7 @@ from autosparse.adapters import adapter_for
 from autosparse.engine.config import (
     LayerRange,
     check_mode,
+    check_selector,
     check_token_ratio,
     resolve_keep,
     resolve_layers,
@@ -56,6 +57,9 @@ class SparseEngine:
     (levels). token_ratio: CoreInfer's per-token quota fraction. layers: "START:STOP",
     a LayerRange, a list of indices, or None for the default (LayerRange.default_for).
     mode: "masked" (dense compute, unkept neurons zeroed) or "sliced" (gathered weights).
+    selector: which neurons a prompt keeps: "coreinfer" (votes, ``token_ratio``) or
+    "griffin" (column norms of the token-normalized activations; no token ratio). The
+    keep ratios say how many.
     """
 
     def __init__(
@@ -66,6 +70,7 @@ class SparseEngine:
         token_ratio: float = 0.2,
         layers: LayerRange | str | Sequence[int] | None = None,
         mode: str = "masked",
+        selector: str = "coreinfer",
     ):
         self.model = model
         self.adapter = adapter_for(model)
@@ -74,6 +79,7 @@ class SparseEngine:
         self.keep = resolve_keep(keep, len(self.layers))
         self.token_ratio = check_token_ratio(token_ratio)
         self.mode = check_mode(mode)
+        self.selector = check_selector(selector)
         self.num_neurons = self.adapter.intermediate_size(model)
         self.context: ForwardContext | None = None
         self.runtimes = [
@@ -145,7 +151,8 @@ class SparseEngine:
     @contextlib.contextmanager
     def collecting(self) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
         """Inside this block, each prefill also keeps every sparse layer's selection
-        statistics ``(votes, mass)`` (B, N) (``selection.vote_statistics``), even for
+        statistics ``(votes, mass)`` (B, N) (``selection.selection_statistics`` for the
+        engine's selector), even for
         layers that run dense. The yielded list holds them, in sparse-layer order,
         for the last prefill when the block ends."""
         out: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -161,8 +168,8 @@ class SparseEngine:
         ``(votes, mass)`` per sparse layer, for a batch of B prompts), as a prefill of
         those prompts would, and record the kept counts. The next forward calls, given
         the prompts' KV cache, are then decode steps of that batch: a fixed prompt's
-        dense pass is computed once and reused under any keep ratios (same token ratio
-        and layers)."""
+        dense pass is computed once and reused under any keep ratios (same selector,
+        token ratio and layers)."""
         if len(statistics) != len(self.runtimes):
             raise ConfigError(
                 f"statistics for {len(statistics)} layers, the engine has {len(self.runtimes)}"

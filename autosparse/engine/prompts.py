@@ -1,8 +1,8 @@
 """Prompts run once, continued under any keep ratios.
 
 Under CoreInfer-style sparsity a prompt always runs dense: its KV cache and its
-activations, hence each layer's selection statistics (``selection.vote_statistics``),
-do not depend on the keep ratios. Scoring fixed continuations of fixed prompts
+activations, hence each layer's selection statistics (``selection.vote_statistics``,
+or ``griffin_statistics`` under GRIFFIN's selector), do not depend on the keep ratios. Scoring fixed continuations of fixed prompts
 under many methods (a screening study) can therefore run every prompt once:
 
     done = run_prompts(model, prompts, token_ratio=0.2, layers=None)   # dense, once
@@ -36,8 +36,8 @@ from autosparse.errors import ConfigError
 @dataclass(eq=False)
 class PromptBatch:
     """A batch of prompts run dense: left-padded (``mask`` (B, P)), their KV cache,
-    every sparse layer's ``(votes, mass)`` statistics for ``token_ratio`` and
-    ``layers``, and the log-probabilities (B, V) the last prompt position gives the
+    every sparse layer's ``(votes, mass)`` statistics for ``selector``, ``token_ratio``
+    and ``layers``, and the log-probabilities (B, V) the last prompt position gives the
     first continuation token."""
 
     lengths: list[int]
@@ -47,6 +47,7 @@ class PromptBatch:
     first: torch.Tensor
     token_ratio: float
     layers: tuple[int, ...]
+    selector: str = "coreinfer"
 
     @property
     def nbytes(self) -> int:
@@ -54,10 +55,13 @@ class PromptBatch:
         return sum(t.numel() * t.element_size() for t in tensors + _cache_tensors(self.cache))
 
     def matches(self, engine) -> bool:
-        """Whether ``engine`` selects with this batch's token ratio and layers."""
-        return engine is None or (
-            engine.token_ratio == self.token_ratio and tuple(engine.layers) == self.layers
-        )
+        """Whether ``engine`` selects with this batch's selector, token ratio (CoreInfer's
+        only) and layers."""
+        if engine is None:
+            return True
+        if engine.selector != self.selector or tuple(engine.layers) != self.layers:
+            return False
+        return self.selector == "griffin" or engine.token_ratio == self.token_ratio
 
 
 def _cache_tensors(cache: Any) -> list[torch.Tensor]:
@@ -91,6 +95,7 @@ def run_prompts(
     token_ratio: float = 0.2,
     layers=None,
     pad_id: int = 0,
+    selector: str = "coreinfer",
 ) -> PromptBatch:
     """Run ``prompts`` (token ids) dense in one left-padded batch and keep what any
     later continuation needs (see the module docstring)."""
@@ -111,7 +116,9 @@ def run_prompts(
     if forward_accepts(model, "logits_to_keep"):
         kwargs["logits_to_keep"] = 1
     # keep 1.0 runs every layer dense; collecting() keeps the selection statistics
-    with SparseEngine(model, 1.0, token_ratio=token_ratio, layers=layers) as engine:
+    with SparseEngine(
+        model, 1.0, token_ratio=token_ratio, layers=layers, selector=selector
+    ) as engine:
         with engine.collecting() as statistics:
             out = model(input_ids=ids, **kwargs)
     first = F.log_softmax(out.logits[:, -1].float(), dim=-1)
@@ -127,6 +134,7 @@ def run_prompts(
         first=first,
         token_ratio=engine.token_ratio,
         layers=tuple(engine.layers),
+        selector=engine.selector,
     )
 
 
@@ -158,7 +166,7 @@ def continue_prompts(
     if min(len(c) for c in continuations) < 1:
         raise ConfigError("every continuation needs at least one token")
     if not prompts.matches(engine):
-        raise ConfigError("the prompts were run for another token ratio or other layers")
+        raise ConfigError("the prompts were run for another selector, token ratio or other layers")
     if engine is not None:
         engine.preselect(prompts.statistics)
     steps = max(len(c) for c in continuations) - 1
@@ -216,4 +224,5 @@ def take_rows(prompts: PromptBatch, rows: Sequence[int]) -> PromptBatch:
         first=prompts.first[index],
         token_ratio=prompts.token_ratio,
         layers=prompts.layers,
+        selector=prompts.selector,
     )

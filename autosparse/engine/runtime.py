@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from autosparse.engine.selection import Selection, rank_selection, vote_statistics
+from autosparse.engine.selection import Selection, rank_selection, selection_statistics
 from autosparse.errors import ConfigError
 
 
@@ -56,13 +57,22 @@ class LayerRuntime:
         """A keep ratio of 1 keeps every neuron: the layer runs dense."""
         return self.keep >= 1.0
 
-    def select(self, acts: torch.Tensor) -> Selection:
-        """Select this batch's core neurons from prefill activations ``acts`` (B, T, N)."""
+    def select(
+        self,
+        acts: torch.Tensor,
+        down_input: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> Selection:
+        """Select this batch's core neurons from prefill activations ``acts`` (B, T, N).
+        ``down_input`` turns ``acts`` into the down projection's input where the two
+        differ (OPT's ReLU); GRIFFIN ranks that input, CoreInfer ranks ``acts``."""
         ctx = self.context
-        collected = self.engine.collected
+        engine = self.engine
+        collected = engine.collected
         if self.dense and collected is None:
             return self.install_dense(acts.shape[0], acts.shape[-1], acts.device)
-        votes, mass = vote_statistics(acts, ctx.prompt, self.engine.token_ratio)
+        if engine.selector == "griffin" and down_input is not None:
+            acts = down_input(acts)
+        votes, mass = selection_statistics(engine.selector, acts, ctx.prompt, engine.token_ratio)
         if collected is not None:
             collected[self.slot] = (votes, mass)
         return self.install(votes, mass)

@@ -10,6 +10,10 @@ The rule, per sequence and sparse layer (docs/method.md):
    (the reference used an unstable sort; this order is deterministic).
 4. The first ``keep_count(r, N)`` of the ranking are kept; if fewer neurons
    received votes, all of them are kept.
+
+GRIFFIN's rule (``griffin_statistics``) gives statistics of the same shape that rank
+through the same ``rank_selection``: every neuron is eligible, ranked by the L2 norm of
+its column of the token-normalized activations, so it always keeps ``keep_count(r, N)``.
 """
 
 from __future__ import annotations
@@ -98,17 +102,50 @@ def rank_selection(
     return Selection(order=order, kept=kept, mask=mask)
 
 
+def griffin_statistics(
+    acts: torch.Tensor, valid: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GRIFFIN's statistics in ``rank_selection``'s form: ``(votes, score)``, both (B, N).
+
+    acts: (B, T, N) inputs of the down projection. Each counted token's row is divided
+    by its L2 norm (a zero row stays zero: it contributes nothing); a neuron's score is
+    the L2 norm of its column over the counted tokens (float32). votes is all ones, so
+    every neuron is eligible and the ranking is (score desc, id asc)."""
+    bsz, _, n = acts.shape
+    a = torch.where(valid.unsqueeze(-1), acts.float(), 0.0)  # (B, T, N), uncounted zeroed
+    norms = torch.linalg.vector_norm(a, dim=-1, keepdim=True)  # (B, T, 1)
+    a = torch.where(norms > 0, a / norms.clamp(min=torch.finfo(a.dtype).tiny), 0.0)
+    score = torch.linalg.vector_norm(a, dim=1)  # (B, N)
+    votes = torch.ones(bsz, n, dtype=torch.int32, device=acts.device)
+    return votes, score
+
+
+def selection_statistics(
+    selector: str, acts: torch.Tensor, valid: torch.Tensor, token_ratio: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The statistics ``selector`` ranks by: ``vote_statistics`` for "coreinfer" (uses
+    ``token_ratio``), ``griffin_statistics`` for "griffin" (ignores it)."""
+    if selector == "griffin":
+        return griffin_statistics(acts, valid)
+    if selector == "coreinfer":
+        return vote_statistics(acts, valid, token_ratio)
+    raise ValueError(f"unknown selector {selector!r}")
+
+
 def select_core_neurons(
     acts: torch.Tensor,
     valid: torch.Tensor,
     keep: torch.Tensor | float,
     token_ratio: float,
+    selector: str = "coreinfer",
 ) -> Selection:
     """Select each sequence's core neurons from its prompt activations.
 
     acts: (B, T, N) activations of one layer. valid: (B, T) bool, True for the prompt
     tokens that count (padding and continuation tokens are False). keep: the layer's
-    keep ratio (a float, or a (B,) tensor). Vectorized over the batch.
+    keep ratio (a float, or a (B,) tensor). selector: "coreinfer" (votes, ``token_ratio``)
+    or "griffin" (column norms; acts must then be the down projection's input).
+    Vectorized over the batch.
     """
-    votes, mass = vote_statistics(acts, valid, token_ratio)
+    votes, mass = selection_statistics(selector, acts, valid, token_ratio)
     return rank_selection(votes, mass, keep)

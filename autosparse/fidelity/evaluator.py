@@ -82,7 +82,7 @@ class FidelityEvaluator:
         self._layer_density: list[float] | None = None
         #: how many times the dense model generated (one call per batch of new references)
         self.generate_calls = 0
-        #: batches of prompts run once (engine.prompts), by their documents, token ratio
+        #: batches of prompts run once (engine.prompts), by their documents, selector, token ratio
         #: and layers; at most prompt_cache_gb of them (0: every run runs its prompts
         #: again, in one pass with the continuations)
         self.prompt_cache = PromptCache.of_gib(options.prompt_cache_gb)
@@ -333,7 +333,12 @@ class FidelityEvaluator:
         prompt cache or run now."""
         from autosparse.engine.prompts import run_prompts
 
-        key = (tuple(r.doc_id for r in refs), method.token_ratio, repr(method.layers))
+        key = (
+            tuple(r.doc_id for r in refs),
+            method.selector,
+            method.token_ratio,
+            repr(method.layers),
+        )
         return self.prompt_cache.get(
             key,
             lambda: run_prompts(
@@ -342,5 +347,6 @@ class FidelityEvaluator:
                 token_ratio=method.token_ratio,
                 layers=method.layers,
                 pad_id=pad,
+                selector=method.selector,
             ),
         )

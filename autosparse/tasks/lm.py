@@ -283,6 +283,7 @@ class SparseLM(HFLM):
                         token_ratio=engine.token_ratio,
                         layers=engine.layers,
                         pad_id=pad,
+                        selector=engine.selector,
                     )
                 engine.reset_records()
             self.prompt_runs += len(chunk)
