@@ -18,10 +18,13 @@ import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from autosparse.errors import ConfigError
 from autosparse.methods import Method
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -248,7 +251,7 @@ def decode_step_bytes(
 
 def synthetic_prompt_ids(
     vocab_size: int, batch_size: int, length: int, seed: int, exclude: Sequence[int] = ()
-):
+) -> torch.Tensor:
     """(batch_size, length) token ids drawn uniformly from ``range(vocab_size)`` minus
     ``exclude`` (special tokens), from a generator seeded with ``seed``: the same ids on
     every machine and run, and no data needed."""
@@ -267,7 +270,7 @@ def synthetic_prompt_ids(
 # -- timing ---------------------------------------------------------------------------
 
 
-def _clock(device) -> Callable[[], float]:
+def _clock(device: torch.device) -> Callable[[], float]:
     """Wall clock that first waits for the device's queued work (CUDA and MPS run
     asynchronously: without this a clock reading would time the launches only)."""
     import torch
@@ -289,7 +292,9 @@ def _clock(device) -> Callable[[], float]:
     return time.perf_counter
 
 
-def time_generation(model, input_ids, *, new_tokens: int, pad_token_id: int | None) -> Round:
+def time_generation(
+    model, input_ids: torch.Tensor, *, new_tokens: int, pad_token_id: int | None
+) -> Round:
     """Generate exactly ``new_tokens`` greedy tokens for the (unpadded) batch ``input_ids``
     through ``greedy_ids`` and time its phases."""
     import torch
@@ -408,7 +413,7 @@ def run_bench(
         sparse, layers, layer_density, density = None, [], [], None
         if method.name != "dense":
             with method.apply(model) as engine:
-                sparse = measure(method.label(), engine.reset_records)
+                sparse = measure(f"{method.label()} {method.mode}", engine.reset_records)
                 layers = list(engine.layers)
                 layer_density = engine.layer_density()
                 density = engine.realized_density()

@@ -5,8 +5,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from autosparse.methods import Method
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -108,7 +112,7 @@ def greedy_ids(
     pad_token_id: int | None,
     stop_at_eos: bool = True,
     on_token: Callable[[], None] | None = None,
-):
+) -> torch.Tensor:
     """Greedy continuation (B, new tokens) of a left-padded batch; rows that stop early
     are padded with ``pad_token_id``. This is the decoding path of ``generate`` and of
     ``autosparse bench``, so bench times what generate runs. ``stop_at_eos=False`` runs

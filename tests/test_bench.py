@@ -269,7 +269,7 @@ def test_cli_table(model_dir, tmp_path):
         "time to first token",
         "decode tokens/s per sequence",
         "decode tokens/s, batch",
-        "coreinfer keep=0.4",
+        "coreinfer keep=0.4 q=0.2 masked",
         "threads",
         "realized density 0.398",
         "ideal decode speedup",
@@ -277,6 +277,19 @@ def test_cli_table(model_dir, tmp_path):
         "--mode sliced",
     ):
         assert expected in text, expected
+
+
+def test_cli_dense_only(model_dir, tmp_path):
+    result = run_cli(["bench", "--model", model_dir, *ARGS, "--method", "dense"], tmp_path)
+    assert result.exit_code == 0, result.output
+    assert "ideal decode speedup 1.00x" in result.stdout
+    assert "measured decode speedup" not in result.stdout and "vs dense" not in result.stdout
+    result = run_cli(
+        ["bench", "--model", model_dir, *ARGS, "--method", "dense", "--json"], tmp_path
+    )
+    out = json.loads(result.stdout)
+    assert out["sparse"] is None and out["realized_density"] is None and out["layers"] == []
+    assert out["decode_bytes"]["dense"] == out["decode_bytes"]["sparse"]
 
 
 def test_cli_levels_file(model_dir, tmp_path):
