@@ -76,9 +76,10 @@ def test_keeping_every_neuron_reads_the_dense_bytes(any_model, batch):
     )
 
 
-def test_bytes_follow_the_dtype():
+def test_bytes_follow_the_dtype_and_need_no_storage():
     model = tiny_llama().to(torch.bfloat16)
     assert decode_step_bytes(model) == LLAMA_DENSE * 2
+    assert decode_step_bytes(model.to("meta"), {1: 0.5}) == (LLAMA_DENSE - LLAMA_MLP // 2) * 2
 
 
 # -- prompts ------------------------------------------------------------------------
