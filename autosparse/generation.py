@@ -5,8 +5,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from autosparse.methods import Method
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -56,13 +60,13 @@ def generate(
             chunk = list(prompts[first : first + batch_size])
             batch = tokenizer(chunk, return_tensors="pt", padding=True).to(device)
             seen = engine.kept_counts().shape[0] if engine is not None else 0
-            out = model.generate(
-                **batch,
+            new = greedy_ids(
+                model,
+                batch["input_ids"],
+                batch.get("attention_mask"),
                 max_new_tokens=max_new_tokens,
-                do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,
             )
-            new = out[:, batch["input_ids"].shape[1] :]
             densities = engine.sequence_density()[seen:].tolist() if engine is not None else None
             for i, prompt in enumerate(chunk):
                 tokens = new[i]
@@ -80,3 +84,48 @@ def generate(
         layers = list(engine.layers) if engine is not None else []
         layer_density = engine.layer_density() if engine is not None else []
     return GenerationRun(method, layers, layer_density, generations, time.perf_counter() - start)
+
+
+class _StepStreamer:
+    """The streamer interface of ``model.generate``: ``put`` gets the prompt once, then
+    each step's new tokens (already on the host); ``end`` comes after the last step."""
+
+    def __init__(self, on_token: Callable[[], None]):
+        self.on_token = on_token
+        self.prompt_seen = False
+
+    def put(self, value) -> None:
+        if self.prompt_seen:
+            self.on_token()
+        self.prompt_seen = True
+
+    def end(self) -> None:
+        pass
+
+
+def greedy_ids(
+    model,
+    input_ids,
+    attention_mask,
+    *,
+    max_new_tokens: int,
+    pad_token_id: int | None,
+    stop_at_eos: bool = True,
+    on_token: Callable[[], None] | None = None,
+) -> torch.Tensor:
+    """Greedy continuation (B, new tokens) of a left-padded batch; rows that stop early
+    are padded with ``pad_token_id``. This is the decoding path of ``generate`` and of
+    ``autosparse bench``, so bench times what generate runs. ``stop_at_eos=False`` runs
+    exactly ``max_new_tokens`` steps; ``on_token()`` is called after every step, once the
+    step's tokens are on the host."""
+    extra = {} if stop_at_eos else {"eos_token_id": None}
+    out = model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=pad_token_id,
+        streamer=None if on_token is None else _StepStreamer(on_token),
+        **extra,
+    )
+    return out[:, input_ids.shape[1] :]

@@ -4,7 +4,7 @@ from click.testing import CliRunner
 
 from autosparse.cli import main
 
-COMMANDS = ["generate", "eval", "levels", "tune", "finalize", "sweep", "studies", "show"]
+COMMANDS = ["generate", "eval", "levels", "tune", "finalize", "sweep", "studies", "show", "bench"]
 
 runner = CliRunner(env={"COLUMNS": "100"})
 print("# Command-line reference\n")

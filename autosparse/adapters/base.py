@@ -14,6 +14,11 @@ if TYPE_CHECKING:
 Restore = Callable[[], None]
 
 
+def tensor_bytes(t: torch.Tensor | None) -> int:
+    """Bytes of a tensor's elements (0 for None, e.g. a missing bias)."""
+    return 0 if t is None else t.numel() * t.element_size()
+
+
 class FamilyAdapter:
     """Where the FFN neurons of one model family live, and how to patch them.
 
@@ -46,6 +51,13 @@ class FamilyAdapter:
         forward pass, without changing the computation. Returns a remover."""
         raise NotImplementedError
 
+    def ffn_neuron_bytes(self, layer: nn.Module) -> tuple[int, int]:
+        """Bytes of one layer's FFN parameters as ``(per_neuron, shared)``: ``per_neuron``
+        is what belongs to single neurons (their weight rows or columns and biases), of
+        which a sparse layer reads only the kept neurons' part; ``shared`` is what every
+        token reads whole (the output bias). For ideal-speedup estimates."""
+        raise NotImplementedError
+
     def ffn_weight_bytes(self, layer: nn.Module) -> int:
         """Bytes of the FFN weights of one layer (for ideal-speedup estimates)."""
-        raise NotImplementedError
+        return sum(self.ffn_neuron_bytes(layer))

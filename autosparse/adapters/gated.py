@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import ClassVar
 
-from autosparse.adapters.base import FamilyAdapter, Restore
+from autosparse.adapters.base import FamilyAdapter, Restore, tensor_bytes
 from autosparse.errors import UnsupportedModelError
 
 
@@ -60,10 +60,8 @@ class GatedMLPAdapter(FamilyAdapter):
         handle = layer.mlp.down_proj.register_forward_pre_hook(hook)
         return handle.remove
 
-    def ffn_weight_bytes(self, layer) -> int:
+    def ffn_neuron_bytes(self, layer) -> tuple[int, int]:
         mlp = layer.mlp
-        return sum(
-            p.numel() * p.element_size()
-            for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-            for p in m.parameters()
-        )
+        gate, up, down = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+        per_neuron = sum(tensor_bytes(t) for t in (gate.weight, gate.bias, up.weight, up.bias))
+        return per_neuron + tensor_bytes(down.weight), tensor_bytes(down.bias)

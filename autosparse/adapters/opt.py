@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import ClassVar
 
-from autosparse.adapters.base import FamilyAdapter, Restore
+from autosparse.adapters.base import FamilyAdapter, Restore, tensor_bytes
 from autosparse.errors import UnsupportedModelError
 
 
@@ -46,7 +46,7 @@ class OPTAdapter(FamilyAdapter):
         handle = layer.fc1.register_forward_hook(hook)
         return handle.remove
 
-    def ffn_weight_bytes(self, layer) -> int:
-        return sum(
-            p.numel() * p.element_size() for m in (layer.fc1, layer.fc2) for p in m.parameters()
-        )
+    def ffn_neuron_bytes(self, layer) -> tuple[int, int]:
+        fc1, fc2 = layer.fc1, layer.fc2
+        per_neuron = tensor_bytes(fc1.weight) + tensor_bytes(fc1.bias) + tensor_bytes(fc2.weight)
+        return per_neuron, tensor_bytes(fc2.bias)

@@ -28,7 +28,7 @@ def main() -> None:
 def _register() -> None:
     import importlib
 
-    for name in ("generate", "levels", "evaluate", "tune", "sweep"):
+    for name in ("generate", "levels", "evaluate", "tune", "sweep", "bench"):
         for command in importlib.import_module(f"autosparse.cli.{name}").COMMANDS:
             main.add_command(command)
 
