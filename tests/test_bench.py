@@ -261,6 +261,17 @@ def test_cli_json_has_every_field(model_dir, tmp_path):
             assert out[part][name]["median"] > 0
 
 
+def test_cli_selector_reaches_the_method(model_dir, tmp_path):
+    args = ["bench", "--model", model_dir, *ARGS, "--selector", "griffin", "--json"]
+    result = run_cli(args, tmp_path)
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["method"]["selector"] == "griffin"
+    assert "GRIFFIN" in out["sparse"]["label"]
+    # GRIFFIN keeps exactly floor(0.4 * 128) neurons in every layer
+    assert out["realized_density"] == pytest.approx(51 / 128)
+
+
 def test_cli_table(model_dir, tmp_path):
     result = run_cli(["bench", "--model", model_dir, *ARGS], tmp_path)
     assert result.exit_code == 0, result.output

@@ -60,6 +60,7 @@ def bench_command(
     levels_file,
     mode,
     layers,
+    selector,
     prompt_tokens,
     new_tokens,
     batch_size,
@@ -87,7 +88,7 @@ def bench_command(
         warmup=warmup,
         seed=seed,
     )
-    chosen = build_method(method, keep, token_ratio, levels_file, mode, layers)
+    chosen = build_method(method, keep, token_ratio, levels_file, mode, layers, selector)
     loaded = load(model, device, dtype)
 
     from autosparse.bench import run_bench
