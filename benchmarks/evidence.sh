@@ -47,7 +47,7 @@ study() {
         | tee "reports/$name.txt"
 }
 
-csqa=(--num-fewshot 6 --trials 12 --screen 60 --calibration 64)
+csqa=(--num-fewshot 6 --trials 8 --screen 60 --calibration 64)
 truthfulqa=(--num-fewshot 0 --trials 12 --screen 40 --calibration 64 --max-gen-toks 32)
 
 for stage in "${stages[@]}"; do

@@ -66,3 +66,27 @@ def test_mismatched_prompts_are_refused():
         continue_prompts(model, done, CONTINUATIONS[:2])
     with pytest.raises(ConfigError, match="at least one token"):
         run_prompts(model, [[1, 2], []])
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_opt], ids=["llama", "opt"])
+def test_sliced_scoring_passes_gather_nothing_but_decoding_does(make):
+    """A scoring pass uses its weights once: sliced mode computes it masked (no gathered
+    copies), with the masked mode's outputs. Decode steps after a prefill still gather."""
+    model = make()
+    done = run_prompts(model, PROMPTS, token_ratio=0.2)
+    got = {}
+    for mode in ("masked", "sliced"):
+        with SparseEngine(model, 0.3, mode=mode) as engine:
+            got[mode] = continue_prompts(model, done, CONTINUATIONS, engine)
+            assert all(not rt.sliced for rt in engine.runtimes)
+            one_pass(model, engine, PROMPTS[0], CONTINUATIONS[0])
+            assert all(not rt.sliced for rt in engine.runtimes)
+    for s, m in zip(got["sliced"], got["masked"], strict=True):
+        torch.testing.assert_close(s, m, atol=1e-5, rtol=1e-5)
+    with SparseEngine(model, 0.3, mode="sliced") as engine, torch.no_grad():
+        out = model(input_ids=torch.tensor([PROMPTS[0]]), use_cache=True)
+        assert all(rt.sliced for rt in engine.runtimes)  # gathered at the prefill
+        model(input_ids=torch.tensor([[7]]), past_key_values=out.past_key_values)
+        # kept prompts continued for decode steps (not one scoring pass) gather too
+        engine.preselect(done.statistics, single_pass=False)
+        assert all(not rt.sliced for rt in engine.runtimes)

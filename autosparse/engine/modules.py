@@ -3,7 +3,8 @@
 Masked mode computes the dense FFN and zeroes the unkept neurons; sliced mode
 gathers the kept rows/columns of the weights once per sequence, at prefill, and
 decodes with those small contiguous matrices. Both give the same outputs up to
-floating-point summation order.
+floating-point summation order. A pass that only scores a continuation computes
+masked in either mode (``LayerRuntime.gathers``): its weights are used once.
 """
 
 from __future__ import annotations
@@ -109,13 +110,13 @@ class SparseGatedMLP(nn.Module):
             scale = rt.continuation_keep(h.dtype)
             if scale is not None:
                 h = h * scale
-            if rt.mode == "sliced" and not rt.dense:
+            if rt.gathers:
                 self._gather()
             return m.down_proj(h)
         sel = rt.decode_selection(x.shape[0])
         if rt.dense:
             return m(x)
-        if rt.mode == "masked":
+        if not rt.gathers:
             h = self._dense_acts(x) * sel.mask.unsqueeze(1).to(x.dtype)
             return m.down_proj(h)
         if "gate_up" not in rt.sliced:  # selected without a prefill (engine.preselect)
@@ -160,11 +161,11 @@ class SparseOPTFc1(nn.Module):
         if ctx.prefill:
             a = self.inner(x)
             rt.select(a.view(ctx.batch, ctx.length, -1), down_input=self.activation)
-            if rt.mode == "sliced" and not rt.dense:
+            if rt.gathers:
                 self._gather()
             return a
         rt.decode_selection(ctx.batch)
-        if rt.mode == "masked" or rt.dense:
+        if not rt.gathers:
             return self.inner(x)
         if "fc1" not in rt.sliced:  # selected without a prefill (engine.preselect)
             self._gather()
@@ -198,13 +199,13 @@ class SparseOPTFc2(nn.Module):
             scale = rt.continuation_keep(h.dtype)
             if scale is not None:
                 h = (h.view(ctx.batch, ctx.length, -1) * scale).view_as(h)
-            if rt.mode == "sliced" and not rt.dense:
+            if rt.gathers:
                 self._gather()
             return fc2(h)
         sel = rt.decode_selection(ctx.batch)
         if rt.dense:
             return fc2(h)
-        if rt.mode == "masked":
+        if not rt.gathers:
             h = h.view(ctx.batch, ctx.length, -1) * sel.mask.unsqueeze(1).to(h.dtype)
             return fc2(h.view(ctx.batch * ctx.length, -1))
         if "fc2_t" not in rt.sliced:  # selected without a prefill (engine.preselect)

@@ -91,6 +91,8 @@ class SparseEngine:
         self._prompt_lengths: torch.Tensor | None = None
         #: inside ``collecting()``: slot -> (votes, mass) of the last prefill
         self.collected: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+        #: the current selection serves one scoring pass (``preselect``), not decode steps
+        self.single_pass = False
         self._undo: list = []
 
     # -- patching ---------------------------------------------------------------
@@ -163,18 +165,28 @@ class SparseEngine:
             collected, self.collected = self.collected, None
             out.extend(collected[slot] for slot in sorted(collected))
 
-    def preselect(self, statistics: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def preselect(
+        self,
+        statistics: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        *,
+        single_pass: bool = True,
+    ) -> None:
         """Select core neurons from prompt statistics kept by ``collecting()`` (one
         ``(votes, mass)`` per sparse layer, for a batch of B prompts), as a prefill of
         those prompts would, and record the kept counts. The next forward calls, given
         the prompts' KV cache, are then decode steps of that batch: a fixed prompt's
         dense pass is computed once and reused under any keep ratios (same selector,
-        token ratio and layers)."""
+        token ratio and layers).
+
+        single_pass: the selection serves one forward call (scoring a continuation), so
+        sliced layers compute it masked: gathering the kept weights costs more than one
+        pass saves. Give False when decode steps follow."""
         if len(statistics) != len(self.runtimes):
             raise ConfigError(
                 f"statistics for {len(statistics)} layers, the engine has {len(self.runtimes)}"
             )
         self.context = None
+        self.single_pass = single_pass
         if not statistics:
             return
         kept = torch.zeros(statistics[0][0].shape[0], len(self.runtimes), dtype=torch.long)
@@ -210,6 +222,7 @@ class SparseEngine:
             continuation = ~before
             prompt = prompt & before
         kept = torch.zeros(bsz, len(self.runtimes), dtype=torch.long)
+        self.single_pass = False
         self.context = ForwardContext(bsz, length, True, prompt, continuation, kept)
         return None
 

@@ -57,6 +57,19 @@ class LayerRuntime:
         """A keep ratio of 1 keeps every neuron: the layer runs dense."""
         return self.keep >= 1.0
 
+    @property
+    def gathers(self) -> bool:
+        """Whether this call runs on gathered (sliced) weights. Gathering copies the kept
+        rows once per sequence and pays back only over decode steps, so a prefill that
+        scores a continuation, and a pass that scores one from a preselected prompt,
+        compute masked instead (the same outputs up to summation order)."""
+        if self.mode != "sliced" or self.dense:
+            return False
+        ctx = self.context
+        if ctx.prefill:
+            return ctx.continuation is None
+        return not self.engine.single_pass
+
     def select(
         self,
         acts: torch.Tensor,
