@@ -255,10 +255,10 @@ def space_options(f):
     "--objective",
     type=click.Choice(["task", "fidelity", "kl"]),
     default=None,
-    help="[default: task; kl with --space free] "
-    "task: the task metric on the screen; fidelity: mean log-likelihood of the dense "
+    help="task: the task metric on the screen; fidelity: mean log-likelihood of the dense "
     "model's own continuation (one teacher-forced pass, no generation); kl: minus the KL to "
-    "the dense next-token distributions. finalize always reports the task metric.",
+    "the dense next-token distributions. finalize always reports the task metric. "
+    "[default: task; kl with --space free]",
 )
 @click.option(
     "--prompt-cache-gb",
@@ -367,6 +367,7 @@ def _trial_printer(console):
 def finalize_command(**opts):
     """Evaluate a study's best trials and their AVG beside CoreInfer and dense.
 
+    Also reports the best trial's screen-to-held-out gap in the study's objective.
     Writes studies/NAME/report.md and report.json. Without --study it finalizes the
     embedded default study, on a held-out sample of 100 documents unless --limit or
     --full says otherwise.
