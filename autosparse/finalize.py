@@ -132,13 +132,14 @@ def finalize(
         )
     winner = chosen[0]
     if spec.objective == "task":
-        winner_held_out = held_out[winner.label]
+        winner_held_out, core_held_out = held_out[winner.label], core
     elif objective_evaluator is not None:
-        say(f"{winner.label} on {len(ids)} documents, objective {spec.objective}")
+        say(f"{winner.label} and CoreInfer on {len(ids)} documents, objective {spec.objective}")
         winner_held_out = objective_evaluator.run(winner.method, ids)
+        core_held_out = objective_evaluator.run(core_method, ids)
     else:
-        winner_held_out = None
-    gap = winner_gap(study, spec, winner, winner_held_out)
+        winner_held_out = core_held_out = None
+    gap = winner_gap(study, spec, winner, winner_held_out, core_held_out)
 
     scope = "full dataset" if limit is None else f"held-out sample of {len(ids)}"
     sections = [ReportSection(f"{scope.capitalize()} ({len(ids)} documents)", rows)]
@@ -176,10 +177,14 @@ def finalize(
 GAP_KEY = "screen-to-held-out gap"
 
 
-def winner_gap(study, spec: StudySpec, winner: Candidate, held_out) -> dict[str, object]:
+def winner_gap(
+    study, spec: StudySpec, winner: Candidate, held_out, core_held_out=None
+) -> dict[str, object]:
     """Report facts on how much the winner's screen value overstates it: its mean on the
     screen and on the held-out documents in the study's objective, and their difference
-    (held-out minus screen; negative when the search fitted the screen)."""
+    (held-out minus screen). The documents' own difficulty moves that difference too, so
+    the winner's gain over CoreInfer on both (paired, same documents) is given beside it:
+    a gain that shrinks held out is what fitting the screen looks like."""
     t = study.trials[winner.number]
     unit = "task metric" if spec.objective == "task" else f"objective {spec.objective}"
     facts: dict[str, object] = {
@@ -191,6 +196,12 @@ def winner_gap(study, spec: StudySpec, winner: Candidate, held_out) -> dict[str,
         return facts
     facts["winner held out"] = _rounded(held_out.score)
     facts[GAP_KEY] = _rounded(held_out.score - t.value)
+    screen_gain = (t.user_attrs.get("vs_coreinfer") or {}).get("mean")
+    if screen_gain is not None and core_held_out is not None:
+        facts["winner gain over CoreInfer on the screen"] = _rounded(screen_gain)
+        facts["winner gain over CoreInfer held out"] = _rounded(
+            held_out.score - core_held_out.score
+        )
     return facts
 
 

@@ -275,10 +275,15 @@ def gap_line(meta: Mapping[str, Any]) -> str:
         return ""
     if not isinstance(gap, (int, float)):
         return f"{meta.get('winner', 'winner')}: screen-to-held-out gap {gap}"
-    return (
+    line = (
         f"{meta.get('winner', 'winner')}: screen {meta.get('winner on the screen'):.4g}, "
         f"held out {meta.get('winner held out'):.4g}, screen-to-held-out gap {gap:+.4g}"
     )
+    screen_gain = meta.get("winner gain over CoreInfer on the screen")
+    held_gain = meta.get("winner gain over CoreInfer held out")
+    if screen_gain is not None and held_gain is not None:
+        line += f"; gain over CoreInfer: screen {screen_gain:+.4g}, held out {held_gain:+.4g}"
+    return line
 
 
 def _params_cell(row: ReportRow) -> str:

@@ -95,6 +95,7 @@ def test_free_finalize_reports_the_gap(tuned):
     report = json.loads((cwd / "studies" / NAME / "report.json").read_text())
     meta = report["meta"]
     assert meta["space"] == "free" and "objective kl" in meta["winner"]
+    assert "winner gain over CoreInfer held out" in meta
     assert meta["screen-to-held-out gap"] == pytest.approx(
         meta["winner held out"] - meta["winner on the screen"], abs=1e-5
     )

@@ -305,6 +305,13 @@ def test_free_finalize_averages_vectors_and_reports_the_gap(tmp_path):
         meta["winner held out"] - meta["winner on the screen"], abs=1e-5
     )
     assert meta["winner held out"] == pytest.approx(held_out.rows[2].value, rel=1e-5)
+    assert meta["winner gain over CoreInfer on the screen"] == pytest.approx(
+        best.user_attrs["vs_coreinfer"]["mean"], rel=1e-5
+    )
+    assert meta["winner gain over CoreInfer held out"] == pytest.approx(
+        held_out.rows[2].value - held_out.rows[0].value, abs=1e-5
+    )
+    assert "gain over CoreInfer: screen +" in gap_line(meta)
     assert to_json(report)["meta"][GAP_KEY] == meta[GAP_KEY]
     assert GAP_KEY in to_markdown(report) and "levels 10-15: " in to_markdown(report)
     assert "screen-to-held-out gap" in gap_line(meta)
