@@ -8,6 +8,9 @@ The screen is a seeded random sample, identical for every trial and for the
 CoreInfer and dense baselines, which are evaluated once per study and stored in
 it. Studies live in any SQLAlchemy database Optuna supports.
 
+With ``space="free"`` a trial's parameters are the per-layer keep ratios themselves,
+proposed by ``free_space.FreeSampler`` at the goal mean (docs/search.md).
+
 The model-facing parts (evaluation, calibration) are behind two small
 protocols, ``Evaluator`` and ``LevelsSource``, so the study logic is tested
 without a model and the same code drives a tiny model, SmolLM2 or a 3B model.
