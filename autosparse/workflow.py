@@ -266,6 +266,7 @@ def run_finalize(
 ):
     """Finalize a study; returns (report, (report.md, report.json)). ``on_status``
     receives status lines; ``progress`` draws progress bars on stderr."""
+    from autosparse.evaluate import make_evaluator
     from autosparse.finalize import finalize
     from autosparse.report import write_report
     from autosparse.store import ResultStore
@@ -295,8 +296,6 @@ def run_finalize(
             spec, batch_size=batch_size, max_gen_toks=max_gen_toks, store=store, progress=progress
         )
         evaluator = TaskEvaluator(loaded, options)
-        from autosparse.evaluate import make_evaluator
-
         # the winner's screen-to-held-out gap is measured in the objective it was picked on
         objective = (
             None if spec.objective == "task" else make_evaluator(spec.objective, loaded, options)
