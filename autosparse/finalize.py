@@ -42,6 +42,7 @@ class Candidate:
     label: str
     method: Method
     params: dict | None
+    number: int | None = None  # the trial's number; None for the AVG
 
 
 def candidates(
@@ -64,7 +65,7 @@ def candidates(
             selector=spec.selector,
             params=params,
         )
-        out.append(Candidate(f"trial #{t.number}", method, params))
+        out.append(Candidate(f"trial #{t.number}", method, params, t.number))
     if len(trials) > 1:
         avg = clamp_levels(average_levels([t.user_attrs["levels"] for t in trials]))
         out.append(
@@ -94,9 +95,15 @@ def finalize(
     select: str = "mean",
     mode: str = "masked",
     on_status: Callable[[str], None] | None = None,
+    objective_evaluator: Evaluator | None = None,
 ):
     """Evaluate the candidates, CoreInfer and dense on the held-out documents; return a
-    report.Report with a held-out section and the screen section for comparison."""
+    report.Report with a held-out section and the screen section for comparison.
+
+    The report's meta also gives the winner's (the first candidate's) screen-to-held-out
+    gap in the study's objective: its screen value beside its held-out value, measured by
+    ``objective_evaluator`` when the objective is not the task metric (without one, the
+    gap of such a study is not measured)."""
     from autosparse.report import Report, ReportSection, make_row
 
     say = on_status or (lambda _: None)
@@ -121,12 +128,24 @@ def finalize(
     say(f"dense on {len(ids)} documents")
     dense = evaluator.run(Method.dense(), ids)
     rows = _baseline_rows(spec, core, dense)
+    held_out = {}
     for c in chosen:
         say(f"{c.label} on {len(ids)} documents")
         result = evaluator.run(c.method, ids)
+        held_out[c.label] = result
         rows.append(
             make_row(c.label, result, coreinfer=core, dense=dense, params=c.params, seed=spec.seed)
         )
+    winner = chosen[0]
+    if spec.objective == "task":
+        winner_held_out, core_held_out = held_out[winner.label], core
+    elif objective_evaluator is not None:
+        say(f"{winner.label} and CoreInfer on {len(ids)} documents, objective {spec.objective}")
+        winner_held_out = objective_evaluator.run(winner.method, ids)
+        core_held_out = objective_evaluator.run(core_method, ids)
+    else:
+        winner_held_out = core_held_out = None
+    gap = winner_gap(study, spec, winner, winner_held_out, core_held_out)
 
     scope = "full dataset" if limit is None else f"held-out sample of {len(ids)}"
     sections = [ReportSection(f"{scope.capitalize()} ({len(ids)} documents)", rows)]
@@ -151,12 +170,49 @@ def finalize(
             "calibration documents excluded": len(attrs.get("calibration_ids", ())),
             "seed": spec.seed,
             "layers": spec.layers or "default",
+            "space": spec.space,
+            **gap,
         },
         notes=[
             "Candidates were picked on the screen; the held-out table is the honest comparison "
             "(the screen values of the same settings are shown below it)."
         ],
     )
+
+
+GAP_KEY = "screen-to-held-out gap"
+
+
+def winner_gap(
+    study, spec: StudySpec, winner: Candidate, held_out, core_held_out=None
+) -> dict[str, object]:
+    """Report facts on how much the winner's screen value overstates it: its mean on the
+    screen and on the held-out documents in the study's objective, and their difference
+    (held-out minus screen). The documents' own difficulty moves that difference too, so
+    the winner's gain over CoreInfer on both (paired, same documents) is given beside it:
+    a gain that shrinks held out is what fitting the screen looks like."""
+    t = study.trials[winner.number]
+    unit = "task metric" if spec.objective == "task" else f"objective {spec.objective}"
+    facts: dict[str, object] = {
+        "winner": f"{winner.label} ({unit})",
+        "winner on the screen": _rounded(t.value),
+    }
+    if held_out is None:
+        facts[GAP_KEY] = f"not measured: no {spec.objective} evaluator on the held-out documents"
+        return facts
+    facts["winner held out"] = _rounded(held_out.score)
+    facts[GAP_KEY] = _rounded(held_out.score - t.value)
+    screen_gain = (t.user_attrs.get("vs_coreinfer") or {}).get("mean")
+    if screen_gain is not None and core_held_out is not None:
+        facts["winner gain over CoreInfer on the screen"] = _rounded(screen_gain)
+        facts["winner gain over CoreInfer held out"] = _rounded(
+            held_out.score - core_held_out.score
+        )
+    return facts
+
+
+def _rounded(x: float) -> float:
+    return float(f"{float(x):.6g}")
 
 
 def _screen_section(study, spec: StudySpec, chosen: Sequence[Candidate]):

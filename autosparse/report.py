@@ -258,8 +258,40 @@ def _decimals(*values: float, significant: int = 3) -> int:
     return max(0, significant - 1 - math.floor(math.log10(top)))
 
 
+def _is_vector(params: Mapping[str, Any] | None) -> bool:
+    """Whether ``params`` are a free-space keep vector (every name ``keep_<layer>``)."""
+    return bool(params) and all(k.startswith("keep_") and k[5:].isdigit() for k in params)
+
+
+def vector_text(params: Mapping[str, Any]) -> str:
+    """A free-space vector in layer order, e.g. ``levels 6-9: 0.4 0.425 0.375 0.4``."""
+    layers = sorted(params, key=lambda k: int(k[5:]))
+    span = f"{int(layers[0][5:])}-{int(layers[-1][5:])}" if len(layers) > 1 else layers[0][5:]
+    return f"levels {span}: " + " ".join(f"{float(params[k]):g}" for k in layers)
+
+
+def gap_line(meta: Mapping[str, Any]) -> str:
+    """The finalize report's screen-to-held-out gap of the winner as one line ("" without)."""
+    gap = meta.get("screen-to-held-out gap")
+    if gap is None:
+        return ""
+    if not isinstance(gap, (int, float)):
+        return f"{meta.get('winner', 'winner')}: screen-to-held-out gap {gap}"
+    line = (
+        f"{meta.get('winner', 'winner')}: screen {meta.get('winner on the screen'):.4g}, "
+        f"held out {meta.get('winner held out'):.4g}, screen-to-held-out gap {gap:+.4g}"
+    )
+    screen_gain = meta.get("winner gain over CoreInfer on the screen")
+    held_gain = meta.get("winner gain over CoreInfer held out")
+    if screen_gain is not None and held_gain is not None:
+        line += f"; gain over CoreInfer: screen {screen_gain:+.4g}, held out {held_gain:+.4g}"
+    return line
+
+
 def _params_cell(row: ReportRow) -> str:
     if row.params:
+        if _is_vector(row.params):
+            return vector_text(row.params)
         if all(k in row.params for k in PARAM_NAMES):
             return "[" + ", ".join(f"{float(row.params[k]):g}" for k in PARAM_NAMES) + "]"
         return ", ".join(
@@ -533,6 +565,7 @@ class StudySummary:
     baselines: dict[str, dict[str, Any]]
     trials: list[TrialRow]
     selector: str = "coreinfer"
+    space: str = "formula"
 
 
 def _dash(x: float | None, digits: int = 3) -> str:
@@ -555,7 +588,8 @@ def study_tables(summary: StudySummary) -> list[Any]:
         ("model", summary.model_id),
         ("task", summary.task),
         ("goal (mean keep)", summary.goal),
-        ("strategy", summary.strategy),
+        ("space", summary.space),
+        ("strategy", summary.strategy if summary.space == "formula" else "-"),
         ("screen", summary.screen),
         ("calibration", summary.calibration),
     ):
@@ -570,13 +604,12 @@ def study_tables(summary: StudySummary) -> list[Any]:
             f"{b['score']:.4g} (realized density {_dash(b['density'])})",
         )
     table = Table(title=f"Trials of {summary.name}")
+    free = summary.space == "free"
+    params_cols = ("levels by layer",) if free else ("w_sum", "w_count", "threshold", "top_k")
     for col in (
         "#",
         "state",
-        "w_sum",
-        "w_count",
-        "threshold",
-        "top_k",
+        *params_cols,
         "kept (mean level)",
         "realized density",
         "value",
@@ -589,13 +622,19 @@ def study_tables(summary: StudySummary) -> list[Any]:
         table.add_column(col, justify="right")
     for t in summary.trials:
         p = t.params
+        if free:
+            cells = (vector_text(p).split(": ", 1)[1] if _is_vector(p) else "-",)
+        else:
+            cells = (
+                "-" if p.get("w_sum") is None else f"{p['w_sum']:.2f}",
+                "-" if p.get("w_count") is None else f"{p['w_count']:.2f}",
+                "-" if p.get("threshold") is None else f"{p['threshold']:.3f}",
+                str(p.get("top_k", "-")),
+            )
         table.add_row(
             str(t.number),
             t.state + ("" if t.feasible else " (infeasible)"),
-            "-" if p.get("w_sum") is None else f"{p['w_sum']:.2f}",
-            "-" if p.get("w_count") is None else f"{p['w_count']:.2f}",
-            "-" if p.get("threshold") is None else f"{p['threshold']:.3f}",
-            str(p.get("top_k", "-")),
+            *cells,
             _dash(t.achieved),
             _dash(t.density),
             "-" if t.value is None else f"{t.value:.4g}",
@@ -617,9 +656,15 @@ def trial_line(r: Any, metric: str) -> str:
         gain = f"  vs CoreInfer {_gain(r.vs_baseline)}" + (f" ({power})" if power else "")
     value = "-" if r.value is None else f"{r.value:.4g}"
     best = "-" if r.best is None else f"{r.best:.4g} (#{r.best_number})"
+    if _is_vector(p):
+        setting = vector_text(p)
+    else:
+        setting = (
+            f"w_sum={p.get('w_sum', 0):.2f} top_k={p.get('top_k', '-')} "
+            f"threshold={p.get('threshold', float('nan')):.3f}"
+        )
     return (
-        f"trial {r.number:>3} {r.state.lower():>8}  w_sum={p.get('w_sum', 0):.2f} "
-        f"top_k={p.get('top_k', '-')} threshold={p.get('threshold', float('nan')):.3f}  "
+        f"trial {r.number:>3} {r.state.lower():>8}  {setting}  "
         f"kept {_dash(r.achieved)} realized {_dash(r.density)}  {metric} {value}{gain}  "
         f"best {best}"
     )

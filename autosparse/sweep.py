@@ -447,7 +447,9 @@ def run_sweep(
     loaded = workflow.load_quietly(spec.model, device, dtype)
     tuned: dict[float, tuple[str, str]] = {}
     for g, goal_spec in zip(goals, specs, strict=True):
-        study_name = default_study_name(spec.model, spec.task, g, None, spec.selector)
+        study_name = default_study_name(
+            spec.model, spec.task, g, None, selector=spec.selector, space=spec.space
+        )
         say(f"goal {g:g}: study {study_name}")
         outcome = workflow.run_tune(
             goal_spec,

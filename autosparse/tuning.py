@@ -8,6 +8,9 @@ The screen is a seeded random sample, identical for every trial and for the
 CoreInfer and dense baselines, which are evaluated once per study and stored in
 it. Studies live in any SQLAlchemy database Optuna supports.
 
+With ``space="free"`` a trial's parameters are the per-layer keep ratios themselves,
+proposed by ``free_space.FreeSampler`` at the goal mean (docs/search.md).
+
 The model-facing parts (evaluation, calibration) are behind two small
 protocols, ``Evaluator`` and ``LevelsSource``, so the study logic is tested
 without a model and the same code drives a tiny model, SmolLM2 or a 3B model.
@@ -30,6 +33,10 @@ from autosparse.stats import mean
 
 STRATEGIES = ("solve", "constrained")
 OBJECTIVES = ("task", "fidelity", "kl")
+#: formula: the levels formula's parameters; free: the per-layer keep vector itself
+SPACES = ("formula", "free")
+#: the formula setting whose solved levels seed the free search (w_sum, top_k)
+FREE_START = (0.5, 100)
 SPEC_ATTR = "autosparse:spec"
 #: seconds between a running trial's heartbeats (open_storage)
 HEARTBEAT = 60
@@ -56,7 +63,10 @@ IDENTITY_FIELDS = (
     "couple_w_count",
     "objective",
     "selector",
+    "space",
 )
+#: identity fields of the free space only (a formula study's identity is what it was)
+FREE_IDENTITY_FIELDS = ("grid", "keep_range", "max_moves")
 
 
 @dataclass(frozen=True)
@@ -83,11 +93,19 @@ class StudySpec:
     couple_w_count: bool = True
     batch_size: int = 1
     prune: bool = True
-    objective: str = "task"
+    objective: str | None = None  # None: kl in the free space, task in the formula space
     #: which neurons every method of the study keeps (the baseline's and the trials')
     selector: str = "coreinfer"
+    space: str = "formula"
+    grid: float = 0.025
+    keep_range: tuple[float, float] = (0.05, 1.0)
+    max_moves: int = 3
 
     def __post_init__(self) -> None:
+        if self.space not in SPACES:
+            raise ConfigError(f"unknown space {self.space!r}; choose {' or '.join(SPACES)}")
+        if self.objective is None:
+            object.__setattr__(self, "objective", "kl" if self.space == "free" else "task")
         if (self.goal is None) == (self.goal_from_baseline is None):
             raise ConfigError("give exactly one of --goal and --goal-from-baseline")
         if self.goal is not None and not (0.0 < self.goal <= 1.0):
@@ -121,10 +139,21 @@ class StudySpec:
             raise ConfigError(f"bad threshold range {self.threshold_range}")
         if self.tolerance <= 0:
             raise ConfigError("--tolerance must be positive")
+        if self.space == "free":
+            self.keep_grid()  # checks the grid and its bounds
+            if self.max_moves < 1:
+                raise ConfigError("--max-moves must be at least 1")
+
+    def keep_grid(self):
+        """The free space's grid (free_space.KeepGrid)."""
+        from autosparse.free_space import KeepGrid
+
+        return KeepGrid(self.grid, *self.keep_range)
 
     def identity(self) -> dict[str, Any]:
         d = asdict(self)
-        return {k: (list(d[k]) if isinstance(d[k], tuple) else d[k]) for k in IDENTITY_FIELDS}
+        keys = IDENTITY_FIELDS + (FREE_IDENTITY_FIELDS if self.space == "free" else ())
+        return {k: (list(d[k]) if isinstance(d[k], tuple) else d[k]) for k in keys}
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -134,7 +163,7 @@ class StudySpec:
     def from_dict(cls, d: dict[str, Any]) -> StudySpec:
         names = {f.name for f in fields(cls)}
         kw = {k: v for k, v in d.items() if k in names}
-        for k in ("top_k_choices", "threshold_range"):
+        for k in ("top_k_choices", "threshold_range", "keep_range"):
             if k in kw:
                 kw[k] = tuple(kw[k])
         return cls(**kw)
@@ -146,12 +175,16 @@ def default_study_name(
     goal: float | None,
     from_baseline: float | None,
     selector: str = "coreinfer",
+    space: str = "formula",
 ) -> str:
-    """MODEL-TASK-gGOAL (or -bFACTOR), with -griffin appended for GRIFFIN's selector (a
-    study is tied to one selector; CoreInfer's names are as they always were)."""
+    """MODEL-TASK-gGOAL (or -bFACTOR), with -griffin appended for GRIFFIN's selector and
+    -free for the free search space (a study is tied to one selector and one space;
+    the names of CoreInfer studies of the formula are as they always were)."""
     tail = f"g{goal:g}" if goal is not None else f"b{from_baseline:g}"
     if selector != "coreinfer":
         tail += f"-{selector}"
+    if space != "formula":
+        tail += f"-{space}"
     stem = Path(model).name if ("/" in model and Path(model).exists()) else model
     return f"{stem}-{task}-{tail}".replace("/", "_").replace(" ", "_")
 
@@ -178,6 +211,8 @@ class Evaluator(Protocol):
 
 class LevelsSource(Protocol):
     """Turns level parameters into per-layer levels from cached calibration statistics."""
+
+    layers: tuple[int, ...]  # the sparse layers' absolute indices, one per level
 
     def levels(self, w_sum: float, w_count: float, threshold: float, top_k: int) -> list[float]: ...
 
@@ -308,11 +343,32 @@ class Tuner:
                     raise ConfigError("CoreInfer's realized density is unknown; give --goal")
                 goal = round(self.spec.goal_from_baseline * density, 4)
             self.study.set_user_attr("goal", goal)
+        if self.spec.space == "free" and not self.study.trials:
+            self._enqueue_starts()
+
+    def _enqueue_starts(self) -> None:
+        """Queue the free search's first trials: CoreInfer's uniform vector and the
+        formula's levels at a default setting, both on the grid at the goal."""
+        from autosparse.free_space import param_names, starting_vectors
+
+        w_sum, top_k = FREE_START
+        _, formula = self.levels.solve(w_sum, round(1.0 - w_sum, 10), top_k, self.goal)
+        names = param_names(self.levels.layers)
+        starts = starting_vectors(self.goal, self.spec.keep_grid(), len(names), formula)
+        for label, vector in zip(("uniform", "formula"), starts, strict=False):
+            self.study.enqueue_trial(
+                dict(zip(names, vector, strict=True)),
+                user_attrs={"start": label},
+                skip_if_exists=True,
+            )
 
     # -- one trial ----------------------------------------------------------------
     def sample(self, trial) -> tuple[dict[str, Any], list[float], float | None]:
-        """Sample parameters; return (params incl. threshold, levels, constraint violation)."""
+        """Sample parameters; return (params incl. threshold, levels, constraint violation).
+        In the free space the parameters are the levels, one ``keep_<layer>`` each."""
         spec = self.spec
+        if spec.space == "free":
+            return self._sample_free(trial)
         w_sum = trial.suggest_float("w_sum", 0.0, 1.0, step=0.05)
         if spec.couple_w_count:
             w_count = round(1.0 - w_sum, 10)
@@ -334,6 +390,19 @@ class Tuner:
             "top_k": int(top_k),
         }
         return params, clamp_levels(levels), violation
+
+    def _sample_free(self, trial) -> tuple[dict[str, Any], list[float], float | None]:
+        from autosparse.free_space import MEAN_TOLERANCE, param_names
+
+        grid = self.spec.keep_grid()
+        names = param_names(self.levels.layers)
+        levels = [
+            grid.value(grid.index(trial.suggest_float(n, grid.low, grid.high, step=grid.step)))
+            for n in names
+        ]
+        # The sampler keeps the mean by construction; a vector enqueued by hand may not.
+        off = abs(mean(levels) - self.goal) - MEAN_TOLERANCE
+        return dict(zip(names, levels, strict=True)), levels, (off if off > 1e-9 else None)
 
     def objective(self, trial) -> float:
         import optuna
@@ -599,7 +668,9 @@ def check_spec(study, spec: StudySpec) -> None:
         return
     theirs = StudySpec.from_dict(stored).identity()
     ours = spec.identity()
-    diffs = [k for k in IDENTITY_FIELDS if theirs.get(k) != ours.get(k)]
+    # (the space first: the other fields of a study of another space differ because of it)
+    keys = sorted({**theirs, **ours}, key=lambda k: k != "space")
+    diffs = [k for k in keys if theirs.get(k) != ours.get(k)]
     if diffs:
         k = diffs[0]
         raise StorageError(
@@ -608,15 +679,23 @@ def check_spec(study, spec: StudySpec) -> None:
         )
 
 
-def create_or_resume(storage, name: str, spec: StudySpec):
-    """Create the study (stamped with its spec) or resume it after checking the spec."""
+def create_or_resume(storage, name: str, spec: StudySpec, layers: Sequence[int] | None = None):
+    """Create the study (stamped with its spec) or resume it after checking the spec.
+    The free space needs the sparse ``layers`` (absolute indices): its parameters."""
     import optuna
     from optuna.pruners import NopPruner, SuccessiveHalvingPruner
 
     existing = load_existing(storage, name)
     if existing is not None:
         check_spec(existing, spec)
-    sampler = optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=8)
+    if spec.space == "free":
+        from autosparse.free_space import FreeSampler
+
+        if not layers:
+            raise ConfigError("the free space needs the sparse layers of the model")
+        sampler = FreeSampler(layers, spec.keep_grid(), seed=spec.seed, max_moves=spec.max_moves)
+    else:
+        sampler = optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=8)
     pruner = (
         SuccessiveHalvingPruner(min_resource=1, reduction_factor=2) if spec.prune else NopPruner()
     )

@@ -92,8 +92,15 @@ def run_tune(
     from autosparse.tasks.registry import canonical_name, load_task
 
     say = on_status or _ignore
+    if enqueue_reference and spec.space != "formula":
+        raise ConfigError("--enqueue-reference enqueues formula settings; it needs --space formula")
     name = study_name or default_study_name(
-        spec.model, spec.task, spec.goal, spec.goal_from_baseline, spec.selector
+        spec.model,
+        spec.task,
+        spec.goal,
+        spec.goal_from_baseline,
+        selector=spec.selector,
+        space=spec.space,
     )
     url = _study_storage(name, storage)
     _, task_obj = load_task(canonical_name(spec.task))  # an unknown task fails before any write
@@ -113,6 +120,8 @@ def run_tune(
 
     adapter = adapter_for(loaded.model)
     layers = resolve_layers(spec.layers, adapter.num_layers(loaded.model))
+    if spec.space == "free" and spec.goal is not None:  # a grid that cannot reach the goal
+        spec.keep_grid().budget(len(layers), spec.goal)
 
     prompts = choose_calibration(
         CalibrationChoice(
@@ -143,7 +152,7 @@ def run_tune(
 
     if optuna_storage is None:
         optuna_storage = open_storage(url, heartbeat=heartbeat)
-    study = create_or_resume(optuna_storage, name, spec)
+    study = create_or_resume(optuna_storage, name, spec, layers=index.layers)
     store = ResultStore(url)
     options = study_options(
         spec,
@@ -263,6 +272,7 @@ def run_finalize(
 ):
     """Finalize a study; returns (report, (report.md, report.json)). ``on_status``
     receives status lines; ``progress`` draws progress bars on stderr."""
+    from autosparse.evaluate import make_evaluator
     from autosparse.finalize import finalize
     from autosparse.report import write_report
     from autosparse.store import ResultStore
@@ -292,6 +302,10 @@ def run_finalize(
             spec, batch_size=batch_size, max_gen_toks=max_gen_toks, store=store, progress=progress
         )
         evaluator = TaskEvaluator(loaded, options)
+        # the winner's screen-to-held-out gap is measured in the objective it was picked on
+        objective = (
+            None if spec.objective == "task" else make_evaluator(spec.objective, loaded, options)
+        )
         report = finalize(
             study,
             spec,
@@ -301,6 +315,7 @@ def run_finalize(
             select=select,
             mode=mode,
             on_status=say,
+            objective_evaluator=objective,
         )
     paths = write_report(report, STUDIES_DIR / study_name)
     return report, paths
@@ -383,6 +398,7 @@ def study_summary(name: str, storage: str | None = None) -> StudySummary:
         task=spec.get("task"),
         goal=attrs.get("goal"),
         strategy=spec.get("strategy"),
+        space=spec.get("space", "formula"),
         screen=len(attrs.get("screen_ids", [])),
         calibration=attrs.get("calibration_source"),
         baselines={

@@ -84,10 +84,70 @@ def study_spec(o: dict):
         prune=not o["no_prune"],
         objective=o["objective"],
         selector=o["selector"],
+        **_space_fields(o),
     )
     from dataclasses import replace
 
     return replace(spec, model_id=model_identity(o["model"]))
+
+
+def _space_fields(o: dict) -> dict:
+    """StudySpec's search-space fields from the options (commands without them: formula)."""
+    if "space" not in o:
+        return {}
+    return {
+        "space": o["space"],
+        "grid": o["grid"],
+        "keep_range": (o["keep_min"], o["keep_max"]),
+        "max_moves": o["max_moves"],
+    }
+
+
+def space_options(f):
+    """--space and the free space's grid, bounds and moves."""
+    for decorator in reversed(
+        [
+            click.option(
+                "--space",
+                type=click.Choice(["formula", "free"]),
+                default="formula",
+                show_default=True,
+                help="formula: search the levels formula's parameters; free: search the "
+                "per-layer keep vector itself at the goal mean (level-switch evolution).",
+            ),
+            click.option(
+                "--grid",
+                type=float,
+                default=0.025,
+                show_default=True,
+                help="Free space: the step of a layer's keep ratio.",
+            ),
+            click.option(
+                "--keep-min",
+                type=float,
+                default=0.05,
+                show_default=True,
+                help="Free space: the lowest keep ratio of a layer.",
+            ),
+            click.option(
+                "--keep-max",
+                type=float,
+                default=1.0,
+                show_default=True,
+                help="Free space: the highest keep ratio of a layer.",
+            ),
+            click.option(
+                "--max-moves",
+                type=click.IntRange(1),
+                default=3,
+                show_default=True,
+                help="Free space: a child differs from its parent by 1 to this many level "
+                "switches (one grid step moved from one layer to another).",
+            ),
+        ]
+    ):
+        f = decorator(f)
+    return f
 
 
 @click.command("tune")
@@ -159,6 +219,7 @@ def study_spec(o: dict):
     show_default=True,
     help="solve: the threshold is solved for the goal; constrained: sampled, with |mean - goal| <= tolerance as a constraint.",
 )
+@space_options
 @click.option(
     "--tolerance",
     type=float,
@@ -199,11 +260,11 @@ def study_spec(o: dict):
 @click.option(
     "--objective",
     type=click.Choice(["task", "fidelity", "kl"]),
-    default="task",
-    show_default=True,
+    default=None,
     help="task: the task metric on the screen; fidelity: mean log-likelihood of the dense "
     "model's own continuation (one teacher-forced pass, no generation); kl: minus the KL to "
-    "the dense next-token distributions. finalize always reports the task metric.",
+    "the dense next-token distributions. finalize always reports the task metric. "
+    "[default: task; kl with --space free]",
 )
 @click.option(
     "--prompt-cache-gb",
@@ -235,7 +296,9 @@ def tune_command(**opts):
 
     Each trial turns (w_sum, top_k[, threshold]) into per-layer levels from cached
     calibration statistics and runs sparse inference on the screen; CoreInfer and dense
-    are evaluated once on the same screen. Rerunning the command resumes the study.
+    are evaluated once on the same screen. With --space free a trial's parameters are the
+    per-layer keep ratios themselves (see docs/search.md). Rerunning the command resumes
+    the study.
     With no options it runs a small real study offline (SmolLM2-135M, CommonsenseQA).
     """
 
@@ -310,13 +373,14 @@ def _trial_printer(console):
 def finalize_command(**opts):
     """Evaluate a study's best trials and their AVG beside CoreInfer and dense.
 
+    Also reports the best trial's screen-to-held-out gap in the study's objective.
     Writes studies/NAME/report.md and report.json. Without --study it finalizes the
     embedded default study, on a held-out sample of 100 documents unless --limit or
     --full says otherwise.
     """
 
     from autosparse.errors import ConfigError
-    from autosparse.report import report_tables, to_json
+    from autosparse.report import gap_line, report_tables, to_json
     from autosparse.workflow import DEFAULT_STUDY, run_finalize
 
     o = opts
@@ -343,6 +407,7 @@ def finalize_command(**opts):
         return
     for table in report_tables(report):
         console.print(table)
+    console.print(gap_line(report.meta))
     console.print(f"wrote {paths[0]} and {paths[1]}")
 
 
