@@ -43,11 +43,11 @@ study() {
     shift 3
     run tune --model "$model" --task "$task" --goal 0.4 --objective "$objective" \
         --study "$name" --storage "$storage" "$@"
-    run finalize --study "$name" --storage "$storage" --limit "$held_out" --top-k 3 \
+    run finalize --study "$name" --storage "$storage" --limit "$held_out" --top-k 2 \
         | tee "reports/$name.txt"
 }
 
-csqa=(--num-fewshot 6 --trials 8 --screen 60 --calibration 64)
+csqa=(--num-fewshot 6 --trials 6 --screen 60 --calibration 64)
 truthfulqa=(--num-fewshot 0 --trials 12 --screen 40 --calibration 64 --max-gen-toks 32)
 
 for stage in "${stages[@]}"; do
