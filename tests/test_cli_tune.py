@@ -237,3 +237,35 @@ def test_a_griffin_study_tunes_and_finalizes_with_griffin(model_dir, tmp_path):
     assert all(r["selector"] == "griffin" for r in rows if r["method"] != "dense")
     assert rows[0]["density"] == pytest.approx(51 / 128)  # exactly floor(0.4 * 128)
     assert report["meta"]["baseline"].startswith("GRIFFIN keep 0.4")
+
+
+def _tune_options(args):
+    from autosparse.cli.tune import tune_command
+
+    return dict(tune_command.make_context("tune", list(args)).params)
+
+
+def test_embedded_default_study_sizes(tmp_path):
+    """`autosparse tune` with no options is the embedded demo (6 shots, goal and CoreInfer
+    keep 0.3); any other model or task gets the reference's sizes and goal 0.4."""
+    from autosparse.cli.tune import study_spec
+
+    from autosparse.errors import ModelNotFoundError
+
+    try:
+        spec = study_spec(_tune_options([]))
+    except ModelNotFoundError:
+        pytest.skip("the SmolLM2 package is not installed")
+    assert (spec.goal, spec.baseline_keep, spec.num_fewshot) == (0.3, 0.3, 6)
+    assert (spec.screen, spec.calibration) == (30, 32)
+    other = tmp_path / "folder-model"
+    other.mkdir()
+    spec = study_spec(_tune_options(["--model", str(other)]))
+    assert (spec.goal, spec.baseline_keep, spec.num_fewshot) == (0.4, 0.4, None)
+    assert (spec.screen, spec.calibration) == (100, 100)
+    spec = study_spec(_tune_options(["--model", str(other), "--goal-from-baseline", "0.9"]))
+    assert spec.goal is None and spec.goal_from_baseline == 0.9
+    spec = study_spec(_tune_options(["--goal", "0.5", "--baseline-keep", "0.5"]))
+    assert (spec.goal, spec.baseline_keep) == (0.5, 0.5)
+    spec = study_spec(_tune_options(["--goal", "0.4"]))  # the embedded sizes, CoreInfer 0.4
+    assert (spec.goal, spec.baseline_keep, spec.num_fewshot) == (0.4, 0.4, 6)
