@@ -249,7 +249,6 @@ def test_embedded_default_study_sizes(tmp_path):
     """`autosparse tune` with no options is the embedded demo (6 shots, goal and CoreInfer
     keep 0.3); any other model or task gets the reference's sizes and goal 0.4."""
     from autosparse.cli.tune import study_spec
-
     from autosparse.errors import ModelNotFoundError
 
     try:
