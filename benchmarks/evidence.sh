@@ -7,7 +7,7 @@
 # DIR is a folder that is kept between sessions (every study, calibration statistic and
 # evaluation is stored under DIR/studies/evidence.db, so a stopped run resumes where it
 # stopped and a finished stage costs nothing when run again). STAGE is one or more of
-#   csqa-task  csqa-kl  csqa-sweep  truthfulqa-kl  truthfulqa-task  nq-probe
+#   csqa-task  csqa-kl  csqa-selectors  csqa-sweep  truthfulqa-kl  truthfulqa-task  nq-probe
 # (default: csqa-task csqa-kl). Needs `make qwen-0.5b` first. Each stage prints the
 # report that docs/results.md quotes; reports are also written to DIR/reports/.
 #
@@ -59,6 +59,27 @@ for stage in "${stages[@]}"; do
     csqa-sweep)
         run sweep --model "$model" --task csqa-local --goals 0.3,0.4,0.5 --storage "$storage" \
             --limit "$held_out" "${csqa[@]}" | tee "reports/$model-csqa-local-sweep.txt"
+        ;;
+    csqa-selectors)
+        # which neurons: GRIFFIN's rule against CoreInfer's votes, uniform keep 0.4, on one
+        # seeded sample of 300 documents (eval's sample, not a study's held-out one)
+        for selector in griffin coreinfer; do
+            run eval --model "$model" --task csqa-local --method coreinfer --keep 0.4 \
+                --selector "$selector" --num-fewshot 6 --limit "$held_out" \
+                --storage "$storage" --json > "reports/$model-csqa-local-$selector.json"
+        done
+        "$(dirname "$autosparse")/python" - "reports/$model-csqa-local-griffin.json" \
+            "reports/$model-csqa-local-coreinfer.json" <<'PY' | tee "reports/$model-csqa-local-selectors.txt"
+import json
+import sys
+
+from autosparse.stats import paired_difference
+
+a, b = (json.load(open(path)) for path in sys.argv[1:3])
+d = paired_difference(a["sample_ids"], a["sample_scores"], b["sample_ids"], b["sample_scores"])
+print(f"GRIFFIN {a['score']:.4f}  CoreInfer {b['score']:.4f}  n {d.n}")
+print(f"GRIFFIN - CoreInfer {d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}], detectable {d.detectable:.4f}")
+PY
         ;;
     nq-probe)
         # is dense above the floor at all? (exact match of NQ-open answers)
