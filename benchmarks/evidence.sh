@@ -78,7 +78,7 @@ from autosparse.stats import paired_difference
 a, b = (json.load(open(path)) for path in sys.argv[1:3])
 d = paired_difference(a["sample_ids"], a["sample_scores"], b["sample_ids"], b["sample_scores"])
 print(f"GRIFFIN {a['score']:.4f}  CoreInfer {b['score']:.4f}  n {d.n}")
-print(f"GRIFFIN - CoreInfer {d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}], detectable {d.detectable:.4f}")
+print(f"GRIFFIN - CoreInfer {d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}], detectable {d.detectable():.4f}")
 PY
         ;;
     nq-probe)
