@@ -48,20 +48,23 @@ def test_sparse_decode_changes_logits(any_model, keep):
     assert not torch.allclose(logits[:, 1:], dense_logits[:, 1:])
 
 
+@pytest.mark.parametrize("selector", ["coreinfer", "griffin"])
 @pytest.mark.parametrize("keep", [0.3, [0.2, 0.7]])
-def test_masked_equals_sliced(any_model, keep):
+def test_masked_equals_sliced(any_model, keep, selector):
     ids = torch.cat([PROMPT, PROMPT.flip(1)])
-    with SparseEngine(any_model, keep, layers=LAYERS, mode="masked") as masked:
+    on = {"layers": LAYERS, "selector": selector}
+    with SparseEngine(any_model, keep, mode="masked", **on) as masked:
         m_tokens, m_logits = generate(any_model, ids)
-    with SparseEngine(any_model, keep, layers=LAYERS, mode="sliced") as sliced:
+    with SparseEngine(any_model, keep, mode="sliced", **on) as sliced:
         s_tokens, s_logits = generate(any_model, ids)
     assert torch.equal(m_tokens, s_tokens)
     torch.testing.assert_close(s_logits, m_logits, rtol=1e-4, atol=1e-5)
     assert torch.equal(masked.kept_counts(), sliced.kept_counts())
 
 
+@pytest.mark.parametrize("selector", ["coreinfer", "griffin"])
 @pytest.mark.parametrize("mode", ["masked", "sliced"])
-def test_padded_batch_equals_singles(any_model, mode):
+def test_padded_batch_equals_singles(any_model, mode, selector):
     long = PROMPT[0]
     short = torch.tensor([8, 21, 77, 4, 150, 63])
     pad = any_model.config.pad_token_id
@@ -70,11 +73,16 @@ def test_padded_batch_equals_singles(any_model, mode):
     batch[1, -len(short) :] = short  # left padding, as generation does
     mask = (torch.arange(len(long)) >= len(long) - len(short)).long().unsqueeze(0).repeat(2, 1)
     mask[0] = 1
-    with SparseEngine(any_model, 0.4, layers=LAYERS, mode=mode) as engine:
+    with SparseEngine(any_model, 0.4, layers=LAYERS, mode=mode, selector=selector) as engine:
         b_tokens, b_logits = generate(any_model, batch, mask)
         batch_counts = engine.kept_counts()
+        batch_masks = [rt.selection.mask.clone() for rt in engine.runtimes]
         engine.reset_records()
-        singles = [generate(any_model, row.unsqueeze(0)) for row in (long, short)]
+        singles = []
+        for b, row in enumerate((long, short)):
+            singles.append(generate(any_model, row.unsqueeze(0)))
+            for rt, m in zip(engine.runtimes, batch_masks, strict=True):
+                assert torch.equal(rt.selection.mask[0], m[b])  # the same neurons
         single_counts = engine.kept_counts()
     assert torch.equal(batch_counts, single_counts)
     for b, (tokens, logits) in enumerate(singles):

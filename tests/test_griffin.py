@@ -145,40 +145,8 @@ def test_the_engine_ranks_the_down_projection_input(make):
             assert set(rt.selection.ids(0).tolist()) == want
 
 
-@pytest.mark.parametrize("keep", [0.3, [0.2, 0.7]])
-def test_griffin_masked_equals_sliced(any_model, keep):
-    ids = torch.cat([PROMPT, PROMPT.flip(1)])
-    with SparseEngine(any_model, keep, layers=LAYERS, selector="griffin") as masked:
-        m_tokens, m_logits = generate(any_model, ids)
-    with SparseEngine(any_model, keep, layers=LAYERS, mode="sliced", selector="griffin") as sliced:
-        s_tokens, s_logits = generate(any_model, ids)
-    assert torch.equal(m_tokens, s_tokens)
-    torch.testing.assert_close(s_logits, m_logits, rtol=1e-4, atol=1e-5)
-    assert torch.equal(masked.kept_counts(), sliced.kept_counts())
-
-
-@pytest.mark.parametrize("mode", ["masked", "sliced"])
-def test_griffin_padded_batch_equals_singles(any_model, mode):
-    long = PROMPT[0]
-    short = torch.tensor([8, 21, 77, 4, 150, 63])
-    pad = any_model.config.pad_token_id
-    batch = torch.full((2, len(long)), pad)
-    batch[0] = long
-    batch[1, -len(short) :] = short
-    mask = (torch.arange(len(long)) >= len(long) - len(short)).long().unsqueeze(0).repeat(2, 1)
-    mask[0] = 1
-    with SparseEngine(any_model, 0.4, layers=LAYERS, mode=mode, selector="griffin") as engine:
-        b_tokens, b_logits = generate(any_model, batch, mask)
-        batch_masks = [rt.selection.mask.clone() for rt in engine.runtimes]
-        singles = []
-        for b, row in enumerate((long, short)):
-            singles.append(generate(any_model, row.unsqueeze(0)))
-            for rt, m in zip(engine.runtimes, batch_masks, strict=True):
-                assert torch.equal(rt.selection.mask[0], m[b])  # the same neurons
-    for b, (tokens, logits) in enumerate(singles):
-        new = b_tokens[b, len(long) :]
-        assert torch.equal(new, tokens[0, -len(new) :])
-        torch.testing.assert_close(b_logits[b], logits[0], rtol=1e-4, atol=1e-4)
+# masked == sliced and padded batches == singles under GRIFFIN: tests/test_engine.py,
+# parametrized by selector
 
 
 def test_griffin_realizes_exactly_its_keep_where_votes_fall_short(opt):
