@@ -7,7 +7,8 @@
 # DIR is a folder that is kept between sessions (every study, calibration statistic and
 # evaluation is stored under DIR/studies/evidence.db, so a stopped run resumes where it
 # stopped and a finished stage costs nothing when run again). STAGE is one or more of
-#   csqa-task  csqa-kl  csqa-selectors  csqa-sweep  truthfulqa-kl  truthfulqa-task  nq-probe
+#   csqa-task  csqa-kl  csqa-free  csqa-selectors  csqa-sweep  truthfulqa-kl  truthfulqa-task
+#   nq-probe
 # (default: csqa-task csqa-kl). Needs `make qwen-0.5b` first. Each stage prints the
 # report that docs/results.md quotes; reports are also written to DIR/reports/.
 #
@@ -48,12 +49,16 @@ study() {
 }
 
 csqa=(--num-fewshot 6 --trials 6 --screen 60 --calibration 64)
+# fidelity trials cost a fraction of task trials, so the kl studies (formula and free space,
+# which the search-cost comparison of docs/performance.md reads) run more of them
+csqa_kl=(--num-fewshot 6 --trials 24 --screen 60 --calibration 64)
 truthfulqa=(--num-fewshot 0 --trials 12 --screen 40 --calibration 64 --max-gen-toks 32)
 
 for stage in "${stages[@]}"; do
     case "$stage" in
     csqa-task) study csqa-local task "$model-csqa-local-g0.4" "${csqa[@]}" ;;
-    csqa-kl) study csqa-local kl "$model-csqa-local-g0.4-kl" "${csqa[@]}" ;;
+    csqa-kl) study csqa-local kl "$model-csqa-local-g0.4-kl" "${csqa_kl[@]}" ;;
+    csqa-free) study csqa-local kl "$model-csqa-local-g0.4-free-kl" "${csqa_kl[@]}" --space free --grid 0.05 --max-moves 6 ;;
     truthfulqa-kl) study truthfulqa-local kl "$model-truthfulqa-local-g0.4-kl" "${truthfulqa[@]}" ;;
     truthfulqa-task) study truthfulqa-local task "$model-truthfulqa-local-g0.4-task" "${truthfulqa[@]}" ;;
     csqa-sweep)
