@@ -153,3 +153,44 @@ def plot_levels(path: str | os.PathLike, outcome: LevelsOutcome) -> None:
         fig.savefig(path, dpi=100)
     finally:
         plt.close(fig)
+
+
+def plot_level_vectors(
+    path: str | os.PathLike,
+    series: dict[str, list[float]],
+    *,
+    uniform: float | None = None,
+    uniform_label: str = "uniform",
+    title: str = "",
+) -> Path:
+    """Write a PNG of several level vectors against the sparse layer's position, with a
+    uniform keep ratio as a dashed line: how tuned allocations differ from a uniform one."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    if not series:
+        raise ConfigError("no level vectors to plot")
+    fig, ax = plt.subplots(figsize=(8, 4))
+    try:
+        for label, levels in series.items():
+            mean = sum(levels) / len(levels)
+            ax.plot(
+                range(len(levels)), levels, marker="o", ms=3, label=f"{label} (mean {mean:.3f})"
+            )
+        if uniform is not None:
+            ax.axhline(uniform, linestyle="--", color="gray", label=f"{uniform_label} {uniform:g}")
+        ax.set_xlabel("sparse layer (position)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel("keep ratio")
+        ax.set_ylim(0, 1.05)
+        if title:
+            ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)
+    return Path(path)

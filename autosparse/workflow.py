@@ -318,7 +318,24 @@ def run_finalize(
             objective_evaluator=objective,
         )
     paths = write_report(report, STUDIES_DIR / study_name)
-    return report, paths
+    png = plot_candidates(study, spec, STUDIES_DIR / study_name / "levels.png", top_k, select)
+    return report, (*paths, png)
+
+
+def plot_candidates(study, spec: StudySpec, path: Path, top_k: int, select: str) -> Path:
+    """Draw the level vectors finalize evaluated (its top-k trials and their AVG) beside
+    the uniform keep of the baseline."""
+    from autosparse.finalize import candidates
+    from autosparse.levels_workflow import plot_level_vectors
+
+    chosen = candidates(study, spec, top_k=top_k, select=select)
+    return plot_level_vectors(
+        path,
+        {c.label: list(c.method.keep) for c in chosen},
+        uniform=spec.baseline_keep,
+        uniform_label=uniform_label(spec.baseline_keep, spec.selector),
+        title=f"{study.study_name}: per-layer keep ratios ({spec.space} space)",
+    )
 
 
 # ---------------------------------------------------------------- listing

@@ -108,6 +108,8 @@ def test_finalize_writes_reports(tuned):
     rows = report["sections"][0]["rows"]
     labels = [r["label"] for r in rows]
     assert labels[:2] == ["CoreInfer keep=0.4", "dense"] and labels[-1] == "AVG of top 2"
+    png = cwd / "studies" / "tiny-csqa-local-g0.4" / "levels.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and str(png.name) in result.output
     assert all(r["n"] == 8 for r in rows)
     md = (cwd / "studies" / "tiny-csqa-local-g0.4" / "report.md").read_text()
     assert "kept (CoreInfer 'sparsity')" in md

@@ -161,3 +161,15 @@ def test_calibration_from_a_task_is_disjoint_by_default_or_reference_style(setup
     assert calibration["selection"] == "reference" and calibration["with_answers"] is True
     assert calibration["overlaps_evaluation"] is True
     assert calibration["sample_ids"] == [0, 1] and calibration["reused"] is False
+
+
+def test_level_vectors_plot_writes_a_png_and_refuses_nothing(tmp_path):
+    from autosparse.errors import ConfigError
+    from autosparse.levels_workflow import plot_level_vectors
+
+    path = plot_level_vectors(
+        tmp_path / "v.png", {"a": [0.2, 0.6], "b": [0.4, 0.4]}, uniform=0.4, title="t"
+    )
+    assert path.read_bytes()[:4] == b"\x89PNG" and path.stat().st_size > 1000
+    with pytest.raises(ConfigError):
+        plot_level_vectors(tmp_path / "w.png", {})

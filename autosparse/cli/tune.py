@@ -398,9 +398,9 @@ def finalize_command(**opts):
     """Evaluate a study's best trials and their AVG beside CoreInfer and dense.
 
     Also reports the best trial's screen-to-held-out gap in the study's objective.
-    Writes studies/NAME/report.md and report.json. Without --study it finalizes the
-    embedded default study, on a held-out sample of 150 documents unless --limit or
-    --full says otherwise.
+    Writes studies/NAME/report.md, report.json and levels.png (the evaluated level
+    vectors by layer). Without --study it finalizes the embedded default study, on a
+    held-out sample of 150 documents unless --limit or --full says otherwise.
     """
 
     from autosparse.errors import ConfigError
@@ -432,7 +432,7 @@ def finalize_command(**opts):
     for table in report_tables(report):
         console.print(table)
     console.print(gap_line(report.meta))
-    console.print(f"wrote {paths[0]} and {paths[1]}")
+    console.print(f"wrote {paths[0]}, {paths[1]} and {paths[2]}")
 
 
 @click.command("studies")
