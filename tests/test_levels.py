@@ -185,6 +185,50 @@ def test_larger_random_statistics_match_direct():
         assert np.array_equal(got, want), (w_sum, w_count, th, k)
 
 
+
+def long_prompt_stats(seed, shape=(6, 4, 1024), tokens=300):
+    """Long prompts: counts spread over 0..300, so most (prompt, layer, count) groups
+    hold a few neurons and a layer has ~300 of them; a third of the neurons share one
+    count, so some groups are large too."""
+    rng = np.random.default_rng(seed)
+    c = rng.binomial(tokens, rng.beta(2, 2, size=shape))
+    c[..., : shape[-1] // 3] = rng.integers(0, tokens, size=shape[:-1] + (1,))
+    S = (c * rng.lognormal(0, 1, size=shape) * rng.gamma(4, 0.25, size=shape)).astype(np.float32)
+    return S, c
+
+
+def test_long_prompts_with_many_distinct_counts_match_direct():
+    S, c = long_prompt_stats(5)
+    index = LevelsIndex(S, c, chunk_units=5)
+    assert index.num_groups > 0.5 * 24 * 300  # the many-groups regime
+    rng = np.random.default_rng(6)
+    for _ in range(60):
+        w_sum = float(rng.choice([0.0, rng.uniform(0.05, 1)]))
+        w_count = round(1 - w_sum, 10) if rng.random() < 0.7 else float(rng.uniform(0, 1))
+        th = float(rng.uniform(-0.1, 1.2))
+        k = int(rng.choice([1, 25, 100, 400, 2000]))
+        want_counts = plain_counts_vectorized(S, c, w_sum, w_count, th, k)
+        assert np.array_equal(index.counts(w_sum, w_count, th, k), want_counts), (w_sum, th, k)
+        want = levels_direct(S, c, w_sum=w_sum, w_count=w_count, threshold=th, top_k=k)
+        assert np.array_equal(index.hundredths(w_sum, w_count, th, k) / 100, want)
+
+
+def plain_counts_vectorized(S, c, w_sum, w_count, theta, top_k):
+    """plain_counts with numpy per prompt and layer, for inputs too large for loops."""
+    out = np.zeros(S.shape[:2], dtype=np.int64)
+    for p in range(S.shape[0]):
+        for layer in range(S.shape[1]):
+            sums = S[p, layer].astype(np.float64)
+            s_k = np.sort(sums)[::-1][min(top_k, sums.size) - 1]
+            c_max = c[p, layer].max()
+            with np.errstate(divide="ignore", invalid="ignore"):
+                s = sums / s_k if s_k > 0 else np.where(sums > 0, np.inf, 0.0)
+            norm = c[p, layer] / c_max if c_max > 0 else np.zeros(sums.size)
+            score = (w_sum * s if w_sum > 0 else 0.0) + w_count * norm
+            out[p, layer] = int((score > theta).sum())
+    return out
+
+
 # --------------------------------------------------------------------------- edge cases
 
 
@@ -407,6 +451,61 @@ def test_goal_solving_extremes_and_protocol(goal_index):
     for bad in (0.0, -0.2, 1.5):
         with pytest.raises(ConfigError):
             goal_index.solve_goal(bad, 0.45)
+
+
+def solve_by_full_evaluations(index, goal, w_sum, w_count, top_k):
+    """docs/levels.md's goal solving written out, every threshold evaluated from scratch:
+    the result any faster solver must reproduce exactly."""
+    target = goal * 100 * len(index.layers)
+
+    def mean_sum(th):
+        h = index.hundredths(w_sum, w_count, th, top_k)
+        return int(h.sum()), h
+
+    lo, (lo_sum, lo_h) = -1.0, mean_sum(-1.0)
+    hi = index._max_score(w_sum, w_count, top_k) + 1.0
+    hi_sum, hi_h = mean_sum(hi)
+    if hi_sum >= target:
+        lo, lo_sum, lo_h = hi, hi_sum, hi_h
+    else:
+        while lo < (mid := (lo + hi) / 2) < hi:
+            mid_sum, mid_h = mean_sum(mid)
+            if mid_sum >= target:
+                lo, lo_sum, lo_h = mid, mid_sum, mid_h
+                if mid_sum == target:
+                    break
+            else:
+                hi, hi_sum, hi_h = mid, mid_sum, mid_h
+    if hi_sum < target and abs(hi_sum - target) < abs(lo_sum - target):
+        best, best_h = hi, hi_h
+    else:
+        best, best_h = lo, lo_h
+    for decimals in range(1, 13):
+        short = round(best, decimals)
+        if short == best:
+            break
+        if np.array_equal(index.hundredths(w_sum, w_count, short, top_k), best_h):
+            best = short
+            break
+    return best, tuple(best_h / 100)
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_goal_solving_equals_solving_with_full_evaluations(seed):
+    S, c = long_prompt_stats(seed, shape=(5, 3, 512))
+    S[0, 1, :] = 0  # a layer that never fired on a prompt: S_(k) = 0
+    c[0, 1, :] = 0
+    index = LevelsIndex(S, c)
+    for goal, w_sum, w_count, top_k in [
+        (0.4, 0.45, 0.55, 100),
+        (0.15, 0.9, 0.1, 25),
+        (0.7, 0.1, 0.9, 400),
+        (0.33, 0.0, 1.0, 100),
+        (0.5, 0.6, 0.2, 1),
+    ]:
+        result = index.solve_goal(goal, w_sum, w_count, top_k)
+        want = solve_by_full_evaluations(index, goal, w_sum, w_count, top_k)
+        assert (result.threshold, result.levels) == want, (goal, w_sum, top_k)
 
 
 def test_goal_below_what_any_threshold_reaches():

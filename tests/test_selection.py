@@ -7,7 +7,12 @@ import math
 import pytest
 import torch
 
-from autosparse.engine.selection import keep_count, select_core_neurons, token_quota
+from autosparse.engine.selection import (
+    keep_count,
+    select_core_neurons,
+    token_quota,
+    vote_statistics,
+)
 
 
 def plain_core_neurons(acts: torch.Tensor, keep: float, token_ratio: float) -> list[int]:
@@ -106,6 +111,52 @@ def test_quota_and_empty_sequences():
     assert token_quota(acts, torch.ones(1, 2, dtype=torch.bool), 1.0).tolist() == [1]
     empty = select_core_neurons(acts, torch.zeros(1, 2, dtype=torch.bool), 0.5, 0.2)
     assert empty.kept.tolist() == [0]
+
+
+def votes_from_ranked_top_k(acts, valid, token_ratio):
+    """Votes as each token's quota-long prefix of its sorted top-k list, the quota
+    counted over a (B, T, N) mask, the mass multiplied by the mask: the straightforward
+    form that vote_statistics' shortcuts must reproduce exactly, ties included."""
+    bsz, _, n = acts.shape
+    positives = ((acts > 0) & valid.unsqueeze(-1)).sum(dim=(1, 2)).double()
+    tokens = valid.sum(dim=1).double()
+    quota = torch.floor(token_ratio * positives / tokens.clamp(min=1))
+    quota = torch.where(tokens > 0, quota, torch.zeros_like(quota)).long()
+    votes = torch.zeros(bsz, n, dtype=torch.int32)
+    k = min(int(quota.max()), n)
+    if k > 0:
+        top = acts.topk(k, dim=-1, sorted=True).indices
+        counted = (torch.arange(k).view(1, 1, -1) < quota.view(-1, 1, 1)) & valid.unsqueeze(-1)
+        votes.scatter_add_(1, top.reshape(bsz, -1), counted.reshape(bsz, -1).to(torch.int32))
+    mass = (acts.float().clamp(min=0) * valid.unsqueeze(-1)).sum(dim=1)
+    return quota, votes, mass
+
+
+@pytest.mark.parametrize("n", [64, 1000])  # top-k's partial-sort and nth_element paths
+@pytest.mark.parametrize("kind", ["levels", "relu"])
+def test_votes_with_ties_equal_the_ranked_top_k(n, kind):
+    """Few distinct values, so many tokens have ties across their quota boundary (and
+    ReLU rows with fewer positives than the quota vote among exact zeros)."""
+    g = torch.Generator().manual_seed(n)
+    for trial in range(6):
+        bsz, t_len = 3, 20
+        if kind == "levels":
+            acts = torch.randint(-3, 4, (bsz, t_len, n), generator=g).float()
+        else:
+            acts = torch.relu(torch.randn(bsz, t_len, n, generator=g) - 0.5)
+        valid = torch.ones(bsz, t_len, dtype=torch.bool)
+        if trial % 2:  # padding: sequences of different lengths, hence different quotas
+            valid[1, :7] = False
+            valid[2, :15] = False
+            acts[2, 15:, ::2] = -1.0  # half the positives: a smaller quota
+        for ratio in (0.2, 0.9):
+            want_quota, want, want_mass = votes_from_ranked_top_k(acts, valid, ratio)
+            if trial % 2:
+                assert len(set(want_quota.tolist())) > 1
+            votes, mass = vote_statistics(acts, valid, ratio)
+            assert torch.equal(token_quota(acts, valid, ratio), want_quota)
+            assert torch.equal(votes, want), (kind, n, trial, ratio)
+            assert torch.equal(mass, want_mass)
 
 
 @pytest.mark.parametrize(

@@ -47,7 +47,8 @@ class Selection:
 
 def token_quota(acts: torch.Tensor, valid: torch.Tensor, token_ratio: float) -> torch.Tensor:
     """Per-sequence quota ``m = floor(q * P / T)``. acts (B, T, N), valid (B, T) bool -> (B,) long."""
-    positives = ((acts > 0) & valid.unsqueeze(-1)).sum(dim=(1, 2)).double()  # (B,)
+    # per-token counts first: an int32 (B, T) sum, then only the counted tokens
+    positives = ((acts > 0).sum(dim=2, dtype=torch.int32) * valid).sum(dim=1).double()  # (B,)
     tokens = valid.sum(dim=1).double()  # (B,)
     quota = torch.floor(token_ratio * positives / tokens.clamp(min=1))
     return torch.where(tokens > 0, quota, torch.zeros_like(quota)).long()
@@ -69,13 +70,23 @@ def vote_statistics(
 
     votes = torch.zeros(bsz, n, dtype=torch.int32, device=device)
     if max_quota > 0:
-        top = acts.topk(min(max_quota, n), dim=-1).indices  # (B, T, M)
+        k = min(max_quota, n)
+        # Only the set of a token's k largest counts, unless a sequence with a smaller
+        # quota counts a prefix of the ranked list. The CPU kernel's unsorted top-k is the
+        # same partition (nth_element) without the sort of the k that follows it, so the
+        # same indices, ties included; other devices keep the sorted call.
+        prefix = bool(((quota > 0) & (quota < k)).any())
+        ranked = prefix or device.type != "cpu"
+        top = acts.topk(k, dim=-1, sorted=ranked).indices  # (B, T, M)
         rank = torch.arange(top.shape[-1], device=device)
         counted = (rank.view(1, 1, -1) < quota.view(-1, 1, 1)) & valid.unsqueeze(-1)  # (B, T, M)
         votes.scatter_add_(1, top.reshape(bsz, -1), counted.reshape(bsz, -1).to(torch.int32))
 
     # Tie-break key: summed positive activation over the counted tokens, in float32.
-    mass = (acts.float().clamp(min=0) * valid.unsqueeze(-1)).sum(dim=1)  # (B, N)
+    positive = acts.float().clamp(min=0)
+    if not bool(valid.all()):  # x * 1 is x, so a prompt without padding skips the product
+        positive = positive * valid.unsqueeze(-1)
+    mass = positive.sum(dim=1)  # (B, N)
     return votes, mass
 
 
