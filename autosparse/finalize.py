@@ -48,8 +48,19 @@ class Candidate:
 def candidates(
     study, spec: StudySpec, *, top_k: int, select: str, mode: str = "masked"
 ) -> list[Candidate]:
-    """The top-k trials and the AVG of their levels."""
-    trials = finished_trials(study, select=select)[:top_k]
+    """The top-k trials with distinct level vectors, and the AVG of their levels. Trials
+    whose levels equal a better trial's (the formula gives the same vector for several
+    settings, e.g. any top_k at w_sum 0) are skipped: they would repeat its row and weigh
+    twice in the AVG."""
+    trials = []
+    seen = set()
+    for t in finished_trials(study, select=select):
+        key = tuple(round(float(x), 9) for x in t.user_attrs["levels"])
+        if key not in seen:
+            seen.add(key)
+            trials.append(t)
+        if len(trials) == top_k:
+            break
     if not trials:
         raise ConfigError(
             f"study {study.study_name!r} has no finished feasible trial yet; run autosparse tune first"

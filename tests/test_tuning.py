@@ -309,3 +309,19 @@ def test_default_study_names_keep_coreinfer_names():
 
     assert default_study_name("m", "t", 0.4, None) == "m-t-g0.4"
     assert default_study_name("m", "t", 0.4, None, "griffin") == "m-t-g0.4-griffin"
+
+
+def test_finalize_candidates_skip_trials_that_repeat_a_better_level_vector(tmp_path):
+    from optuna.trial import create_trial
+
+    from autosparse.finalize import candidates
+
+    tuner = make_tuner(tmp_path)
+    vectors = [[0.3, 0.5], [0.3, 0.5], [0.4, 0.4], [0.5, 0.3]]
+    for number, (value, levels) in enumerate(zip([0.9, 0.9, 0.8, 0.7], vectors, strict=True)):
+        tuner.study.add_trial(
+            create_trial(value=value, user_attrs={"levels": levels, "params": {"n": number}})
+        )
+    chosen = candidates(tuner.study, tuner.spec, top_k=2, select="mean")
+    assert [c.label for c in chosen] == ["trial #0", "trial #2", "AVG of top 2"]
+    assert list(chosen[-1].method.keep) == [0.35, 0.45]
