@@ -327,6 +327,10 @@ def time_generation(
 
     def after(module, args, output):
         marks.setdefault("prefill_end", clock())
+        # the prefill is timed: decode steps run without these hooks (a compiled step
+        # would otherwise break its graph at them)
+        for handle in handles:
+            handle.remove()
 
     # prepend: the prefill's time includes the sparse engine's own pre-forward hook
     handles = [
