@@ -211,3 +211,50 @@ def test_compiled_decode_step_gives_the_same_tokens(mode):
         again = lean(model, batch.flip(0), mask.flip(0), compile=True)
     assert torch.equal(compiled, eager)
     assert torch.equal(again, eager.flip(0))
+
+
+def _generate_until(decoder: str, contexts, settings, monkeypatch):
+    """lm-eval generate_until through SparseLM under CoreInfer sliced; also the number of
+    model.generate calls it made."""
+    from lm_eval.api.instance import Instance
+
+    from autosparse.tasks.lm import SparseLM
+
+    model, tokenizer = tiny_llama(), tiny_tokenizer()
+    lm = SparseLM(model, tokenizer, batch_size=4, max_length=512)
+    lm.decoder = decoder
+    calls = []
+    original = model.generate
+    monkeypatch.setattr(model, "generate", lambda *a, **k: calls.append(1) or original(*a, **k))
+    requests = [
+        Instance("generate_until", {}, (c, dict(settings)), i) for i, c in enumerate(contexts)
+    ]
+    with lm.sparse(Method.coreinfer(0.4, layers=LAYERS, mode="sliced")):
+        out = lm.generate_until(requests)
+    return out, len(calls), lm.realized_density()
+
+
+CONTEXTS = ["Question: where do fish live?\nAnswer:", "Two plus two makes", "Once upon a"]
+
+
+def test_generate_until_greedy_runs_lean_with_the_same_answers(monkeypatch):
+    free = {"until": ["<never>"], "do_sample": False, "max_gen_toks": 10}
+    lean_out, lean_calls, lean_density = _generate_until("lean", CONTEXTS, free, monkeypatch)
+    hf_out, hf_calls, hf_density = _generate_until("hf", CONTEXTS, free, monkeypatch)
+    assert lean_calls == 0 and hf_calls == 1
+    assert lean_out == hf_out and all(len(t) == 10 for t in lean_out)
+    assert lean_density == hf_density
+    # stop strings: each row's third character, so rows finish at different steps
+    stops = sorted({text[2] for text in lean_out if text[2].strip()})
+    until = {"until": stops, "do_sample": False, "max_gen_toks": 10}
+    lean_out, _, _ = _generate_until("lean", CONTEXTS, until, monkeypatch)
+    hf_out, _, _ = _generate_until("hf", CONTEXTS, until, monkeypatch)
+    assert lean_out == hf_out
+    assert any(len(t) < 10 for t in lean_out)
+
+
+def test_generate_until_sampling_uses_generate(monkeypatch):
+    torch.manual_seed(0)
+    settings = {"until": ["<never>"], "do_sample": True, "temperature": 0.7, "max_gen_toks": 4}
+    _, calls, _ = _generate_until("lean", CONTEXTS, settings, monkeypatch)
+    assert calls == 1
