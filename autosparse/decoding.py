@@ -69,8 +69,8 @@ def lean_unsupported(model) -> str | None:
     config = model.config
     if getattr(config, "is_encoder_decoder", False):
         return "an encoder-decoder model"
-    if not getattr(model, "_supports_static_cache", True):
-        return "a model without a static KV cache"
+    if getattr(model, "_is_stateful", False):
+        return "a stateful model (its state is not a KV cache)"
     generation = getattr(model, "generation_config", None)
     for field, neutral in _PROCESSOR_FIELDS.items():
         value = getattr(generation, field, neutral)
@@ -133,7 +133,7 @@ def lean_greedy(
     # (steps, B, 1): each step's position ids, contiguous
     step_positions = (positions[:, -1:] + torch.arange(1, max_new_tokens, device=device)).T
     step_positions = step_positions.unsqueeze(-1).contiguous()
-    allowed = _decode_mask(model, attention_mask, length)
+    allowed = _decode_mask(model, attention_mask, length, cache)
 
     sequences = torch.full((batch, width + max_new_tokens), pad_token_id, device=device)
     sequences[:, :width] = input_ids
@@ -204,8 +204,9 @@ class _DecodeMask:
     """The attention mask of every decode step, made once: a (B, 1, 1, length) mask over
     the static cache whose prompt columns are the prompt's padding mask and whose later
     columns are switched on one per step (``open``). Passed as a 4D mask, the model uses
-    it as given. For attention implementations other than sdpa and eager, it is the 2D
-    mask of the tokens so far and the model builds the 4D mask itself."""
+    it as given. For attention implementations other than sdpa and eager, or a cache with
+    sliding-window layers, it is the 2D mask of the tokens so far and the model builds
+    its 4D masks itself."""
 
     def __init__(self, attention_mask: torch.Tensor, length: int, kind: str, dtype):
         import torch
@@ -235,8 +236,12 @@ class _DecodeMask:
             self.mask[..., column] = 0.0
 
 
-def _decode_mask(model, attention_mask: torch.Tensor, length: int) -> _DecodeMask:
+def _decode_mask(model, attention_mask: torch.Tensor, length: int, cache) -> _DecodeMask:
     implementation = getattr(model.config, "_attn_implementation", None)
     kind = implementation if implementation in ("sdpa", "eager") else "2d"
+    # one 4D mask serves every layer only when every layer attends to the whole cache; a
+    # sliding-window or linear-attention layer needs the model's own mask for its type
+    if any(cache.is_sliding) or any(getattr(cache, "is_linear", [])):
+        kind = "2d"
     dtype = next(model.parameters()).dtype
     return _DecodeMask(attention_mask, length, kind, dtype)

@@ -160,6 +160,34 @@ def test_eager_attention_equals_generate():
         assert torch.equal(lean(model, batch, mask), hf_greedy(model, batch, mask))
 
 
+def test_sliding_window_layers_get_the_models_own_masks():
+    """Mistral with a window shorter than prompt + generation: one mask over the whole
+    cache would be wrong for its layers, so the model builds them from the 2D mask."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    config = MistralConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        sliding_window=8,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    model = MistralForCausalLM(config).eval()
+    batch, mask = padded_batch(0)
+    with torch.no_grad(), SparseEngine(model, 0.4, layers=LAYERS, mode="sliced"):
+        got = lean(model, batch, mask)
+        reference = hf_greedy(model, batch, mask)
+        alone = lean(model, SHORT.unsqueeze(0), None)
+    assert torch.equal(got, reference) and torch.equal(got[1], alone[0])
+
+
 def test_generate_reports_the_same_texts_and_densities_with_either_decoder():
     model, tokenizer = tiny_llama(vocab=256), tiny_tokenizer(256)
     prompts = ["where do fish live", "two plus two", "once upon a time there was a cat"]
