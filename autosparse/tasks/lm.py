@@ -169,7 +169,7 @@ class SparseLM(HFLM):
         if self.engine is not None:
             self.engine.reset_records()
         # lm-eval's own criteria end a batch only once every row holds the same stop
-        # string; these finish each row at its own first stop string (transformers then
+        # string; these finish each row at its own first stop string (the decoder then
         # pads it) and end the batch when every row has finished
         kwargs = dict(generation_kwargs)
         temperature = kwargs.pop("temperature", 0.0)
