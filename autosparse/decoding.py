@@ -13,7 +13,9 @@ non-empty one (a decode step).
 
 ``compile=True`` runs the decode step through ``torch.compile`` (static shapes; the cache
 length is rounded up so batches of similar lengths share a compiled graph). It pays a
-long first compilation per shape and is off by default; see docs/performance.md.
+long first compilation per shape and is off by default; see docs/performance.md. Where
+the model builds its masks itself (sliding-window layers, attention implementations
+other than sdpa and eager) the step is not compiled.
 """
 
 from __future__ import annotations
@@ -149,7 +151,8 @@ def lean_greedy(
     logits = model(
         input_ids=input_ids, attention_mask=attention_mask if padded else None, **prefill
     ).logits[:, -1]
-    step = _compiled_step(model) if compile else _decode_step
+    # a 2D mask grows every step: compiled with static shapes, each step would recompile
+    step = _compiled_step(model) if compile and allowed.kind != "2d" else _decode_step
     steps = 0
     while True:
         token = logits.argmax(-1)  # (B,)
