@@ -2,7 +2,8 @@
 
 ``run_bench`` times dense generation and then the method's on the same synthetic prompts:
 prefill, time to first token and decode tokens/s, over several rounds after warm-up
-rounds, through the same decoding path as ``autosparse generate`` (``greedy_ids``). It
+rounds, through the same decoding path as ``autosparse generate`` (``greedy_ids``; its
+lean decoder by default, ``model.generate`` with ``decoder="hf"``, to compare). It
 reports the realized density the engine recorded and the ideal decode speedup from the
 bytes a decode step reads (``decode_step_bytes``), so a user sees how much of the ideal
 their device and settings reach.
@@ -37,8 +38,15 @@ class BenchSettings:
     rounds: int = 5
     warmup: int = 1
     seed: int = 0
+    decoder: str = "lean"  # generation.greedy_ids's decoding path: "lean" or "hf"
+    compile: bool = False  # torch.compile the lean decoder's step
 
     def __post_init__(self) -> None:
+        from autosparse.decoding import check_decoder
+
+        check_decoder(self.decoder)
+        if self.compile and self.decoder != "lean":
+            raise ConfigError("--compile applies to the lean decoder only (--decoder lean)")
         checks = [
             ("--prompt-tokens", self.prompt_tokens, 1),
             # decode speed is timed from the first new token to the last: it needs two
@@ -153,6 +161,7 @@ class BenchResult:
     density: float | None  # realized kept fraction over the sparse layers (None for dense)
     dense_bytes: int  # weight bytes a decode step of the batch reads, dense
     sparse_bytes: int  # the same under the method's realized kept fractions
+    decoder: str = "lean"  # the decoding path that ran (greedy_ids's, resolved for the model)
 
     @property
     def ideal_speedup(self) -> float:
@@ -184,6 +193,8 @@ class BenchResult:
             "rounds": s.rounds,
             "warmup": s.warmup,
             "seed": s.seed,
+            "decoder": self.decoder,
+            "compile": s.compile and self.decoder == "lean",
             "method": self.method.to_dict(),
             "layers": self.layers,
             "layer_density": self.layer_density,
@@ -293,10 +304,16 @@ def _clock(device: torch.device) -> Callable[[], float]:
 
 
 def time_generation(
-    model, input_ids: torch.Tensor, *, new_tokens: int, pad_token_id: int | None
+    model,
+    input_ids: torch.Tensor,
+    *,
+    new_tokens: int,
+    pad_token_id: int | None,
+    decoder: str = "lean",
+    compile: bool = False,
 ) -> Round:
     """Generate exactly ``new_tokens`` greedy tokens for the (unpadded) batch ``input_ids``
-    through ``greedy_ids`` and time its phases."""
+    through ``greedy_ids`` (with ``decoder`` and ``compile``) and time its phases."""
     import torch
 
     from autosparse.generation import greedy_ids
@@ -310,6 +327,10 @@ def time_generation(
 
     def after(module, args, output):
         marks.setdefault("prefill_end", clock())
+        # the prefill is timed: decode steps run without these hooks (a compiled step
+        # would otherwise break its graph at them)
+        for handle in handles:
+            handle.remove()
 
     # prepend: the prefill's time includes the sparse engine's own pre-forward hook
     handles = [
@@ -327,6 +348,8 @@ def time_generation(
             pad_token_id=pad_token_id,
             stop_at_eos=False,
             on_token=lambda: steps.append(clock()),
+            decoder=decoder,
+            compile=compile,
         )
     finally:
         for handle in handles:
@@ -395,13 +418,23 @@ def run_bench(
     pad = getattr(tokenizer, "pad_token_id", None)
     if pad is None:
         pad = getattr(model.config, "pad_token_id", None)
+    from autosparse.generation import resolve_decoder
+
+    decoder = resolve_decoder(model, settings.decoder)
 
     def measure(label: str, after_warmup: Callable[[], None] = lambda: None) -> Timing:
         rounds = []
         for index in range(settings.warmup + settings.rounds):
             if index == settings.warmup:
                 after_warmup()
-            got = time_generation(model, ids, new_tokens=settings.new_tokens, pad_token_id=pad)
+            got = time_generation(
+                model,
+                ids,
+                new_tokens=settings.new_tokens,
+                pad_token_id=pad,
+                decoder=decoder,
+                compile=settings.compile and decoder == "lean",
+            )
             if index >= settings.warmup:
                 rounds.append(got)
             if on_round is not None:
@@ -431,4 +464,5 @@ def run_bench(
         density=density,
         dense_bytes=decode_step_bytes(model, None, settings.batch_size),
         sparse_bytes=decode_step_bytes(model, kept, settings.batch_size),
+        decoder=decoder,
     )

@@ -44,9 +44,11 @@ def generate(
     max_new_tokens: int = 32,
     batch_size: int = 8,
     on_batch: Callable[[int], None] | None = None,
+    decoder: str = "lean",
 ) -> GenerationRun:
     """Greedy generation for every prompt, in left-padded batches. Selection happens at
-    each batch's prefill and is per sequence, so batching does not change the outputs."""
+    each batch's prefill and is per sequence, so batching does not change the outputs.
+    ``decoder``: the decoding path (``greedy_ids``); both give the same tokens."""
     import torch
 
     tokenizer.padding_side = "left"
@@ -66,6 +68,7 @@ def generate(
                 batch.get("attention_mask"),
                 max_new_tokens=max_new_tokens,
                 pad_token_id=tokenizer.pad_token_id,
+                decoder=decoder,
             )
             densities = engine.sequence_density()[seen:].tolist() if engine is not None else None
             for i, prompt in enumerate(chunk):
@@ -103,6 +106,17 @@ class _StepStreamer:
         pass
 
 
+def resolve_decoder(model, decoder: str = "lean") -> str:
+    """The decoding path ``greedy_ids`` takes for ``decoder`` on this model: "lean"
+    (``autosparse.decoding.lean_greedy``) unless the model needs ``model.generate`` to get
+    the same tokens (``decoding.lean_unsupported``), or "hf" when asked for."""
+    from autosparse.decoding import check_decoder, lean_unsupported
+
+    if check_decoder(decoder) == "lean" and lean_unsupported(model) is None:
+        return "lean"
+    return "hf"
+
+
 def greedy_ids(
     model,
     input_ids,
@@ -112,12 +126,29 @@ def greedy_ids(
     pad_token_id: int | None,
     stop_at_eos: bool = True,
     on_token: Callable[[], None] | None = None,
+    decoder: str = "lean",
+    compile: bool = False,
 ) -> torch.Tensor:
     """Greedy continuation (B, new tokens) of a left-padded batch; rows that stop early
     are padded with ``pad_token_id``. This is the decoding path of ``generate`` and of
     ``autosparse bench``, so bench times what generate runs. ``stop_at_eos=False`` runs
     exactly ``max_new_tokens`` steps; ``on_token()`` is called after every step, once the
-    step's tokens are on the host."""
+    step's tokens are on the host. ``decoder`` "lean" runs ``decoding.lean_greedy`` (where
+    ``resolve_decoder`` allows it; ``compile`` applies to it), "hf" ``model.generate``:
+    both give the same tokens."""
+    if resolve_decoder(model, decoder) == "lean":
+        from autosparse.decoding import eos_ids, lean_greedy
+
+        return lean_greedy(
+            model,
+            input_ids,
+            attention_mask,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=pad_token_id,
+            eos_token_id=eos_ids(model) if stop_at_eos else (),
+            on_token=on_token,
+            compile=compile,
+        )
     extra = {} if stop_at_eos else {"eos_token_id": None}
     out = model.generate(
         input_ids=input_ids,

@@ -96,14 +96,15 @@ def test_synthetic_prompts_are_seeded_and_avoid_special_tokens():
 # -- decoding exactly --new-tokens --------------------------------------------------
 
 
-def test_generation_runs_every_token_even_when_eos_comes_first():
+@pytest.mark.parametrize("decoder", ["lean", "hf"])
+def test_generation_runs_every_token_even_when_eos_comes_first(decoder):
     model = tiny_llama()
     ids = synthetic_prompt_ids(256, 1, 10, seed=0, exclude=[0, 1, 2])
     with torch.no_grad():
         first = int(model(ids).logits[0, -1].argmax())
     model.generation_config.eos_token_id = first  # greedy decoding emits EOS at once
     mask = torch.ones_like(ids)
-    stopped = greedy_ids(model, ids, mask, max_new_tokens=6, pad_token_id=0)
+    stopped = greedy_ids(model, ids, mask, max_new_tokens=6, pad_token_id=0, decoder=decoder)
     assert stopped.shape == (1, 1)
     steps = []
     full = greedy_ids(
@@ -114,9 +115,10 @@ def test_generation_runs_every_token_even_when_eos_comes_first():
         pad_token_id=0,
         stop_at_eos=False,
         on_token=lambda: steps.append(1),
+        decoder=decoder,
     )
     assert full.shape == (1, 6) and len(steps) == 6
-    got = time_generation(model, ids, new_tokens=6, pad_token_id=0)
+    got = time_generation(model, ids, new_tokens=6, pad_token_id=0, decoder=decoder)
     assert 0 < got.prefill <= got.first_token and got.decode > 0
 
 
@@ -236,6 +238,8 @@ def test_cli_json_has_every_field(model_dir, tmp_path):
         "rounds",
         "warmup",
         "seed",
+        "decoder",
+        "compile",
         "method",
         "layers",
         "layer_density",
@@ -248,6 +252,7 @@ def test_cli_json_has_every_field(model_dir, tmp_path):
         "sparse",
     }
     assert out["device"] == "cpu" and out["dtype"] == "float32" and out["threads"] >= 1
+    assert out["decoder"] == "lean" and out["compile"] is False
     assert (out["prompt_tokens"], out["new_tokens"], out["rounds"]) == (12, 4, 2)
     assert out["method"]["name"] == "coreinfer" and out["method"]["mode"] == "sliced"
     assert out["realized_density"] == pytest.approx(0.4, abs=1 / 128)
@@ -291,6 +296,28 @@ def test_cli_table(model_dir, tmp_path):
         assert expected in text, expected
 
 
+def test_cli_decoder_hf_times_model_generate(model_dir, tmp_path):
+    args = ["bench", "--model", model_dir, *ARGS, "--decoder", "hf"]
+    result = run_cli([*args, "--json"], tmp_path)
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["decoder"] == "hf" and out["compile"] is False
+    assert out["sparse"]["decode_tokens_per_second"]["median"] > 0
+    result = run_cli(args, tmp_path)
+    assert result.exit_code == 0, result.output
+    assert "model.generate" in result.stdout and "lean decoder" not in result.stdout
+    result = run_cli(["bench", "--model", model_dir, *ARGS], tmp_path)
+    assert "lean decoder" in result.stdout and "model.generate" not in result.stdout
+
+
+def test_a_model_that_needs_generate_reports_it():
+    model = tiny_llama()
+    model.generation_config.repetition_penalty = 1.2  # a logits processor: lean cannot
+    result = run_bench(model, Method.dense(), small(warmup=0, rounds=1))
+    assert result.decoder == "hf" and result.to_dict()["decoder"] == "hf"
+    assert result.to_dict()["compile"] is False
+
+
 def test_cli_dense_only(model_dir, tmp_path):
     result = run_cli(["bench", "--model", model_dir, *ARGS, "--method", "dense"], tmp_path)
     assert result.exit_code == 0, result.output
@@ -329,6 +356,8 @@ def test_cli_levels_file(model_dir, tmp_path):
         (["--method", "magic"], 2, "'magic' is not one of"),
         (["--method", "levels"], 1, "--method levels needs --levels FILE"),
         (["--keep", "1.5"], 1, "keep ratio 1.5 is outside (0, 1]"),
+        (["--decoder", "hf", "--compile"], 1, "--compile applies to the lean decoder only"),
+        (["--decoder", "fast"], 2, "'fast' is not one of"),
     ],
 )
 def test_cli_bad_input_is_a_one_line_error(model_dir, tmp_path, extra, code, message):

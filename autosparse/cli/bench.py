@@ -49,6 +49,20 @@ from autosparse.cli.base import console as make_console
 @click.option(
     "--seed", type=int, default=0, show_default=True, help="Seed of the synthetic prompts."
 )
+@click.option(
+    "--decoder",
+    type=click.Choice(["lean", "hf"]),
+    default="lean",
+    show_default=True,
+    help="Decoding path: lean (a static KV cache and one forward call per token) or hf "
+    "(transformers' model.generate); both give the same tokens.",
+)
+@click.option(
+    "--compile",
+    "compile_step",
+    is_flag=True,
+    help="torch.compile the lean decoder's step (the first, warm-up round compiles it).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
 def bench_command(
     model,
@@ -67,13 +81,16 @@ def bench_command(
     rounds,
     warmup,
     seed,
+    decoder,
+    compile_step,
     as_json,
 ):
     """Time prefill, first token and decode for dense and a method, next to the ideal speedup.
 
     Dense runs first, then the method, each for --warmup untimed and --rounds timed
     rounds of generating --new-tokens tokens after synthetic prompts of --prompt-tokens,
-    through the same decoding path as `autosparse generate`. Times are wall clock at
+    through the same decoding path as `autosparse generate` (--decoder hf times
+    transformers' model.generate instead, to compare). Times are wall clock at
     torch's default thread count; the ideal decode speedup is the ratio of the weight
     bytes a decode step reads, dense over sparse (docs/performance.md says what is
     counted). Use --mode sliced to see the time sparsity saves.
@@ -87,6 +104,8 @@ def bench_command(
         rounds=rounds,
         warmup=warmup,
         seed=seed,
+        decoder=decoder,
+        compile=compile_step,
     )
     chosen = build_method(method, keep, token_ratio, levels_file, mode, layers, selector)
     loaded = load(model, device, dtype)
@@ -120,6 +139,12 @@ def _rate(spread) -> str:
     return f"{spread.median:.2f} ({spread.low:.2f}-{spread.high:.2f})"
 
 
+def _decoder_label(result) -> str:
+    if result.decoder == "hf":
+        return "model.generate"
+    return "lean decoder, compiled" if result.settings.compile else "lean decoder"
+
+
 def _render(source: str, result) -> None:
     from rich.table import Table
 
@@ -127,7 +152,8 @@ def _render(source: str, result) -> None:
     console = make_console()
     table = Table(
         title=(
-            f"{source} on {result.device} ({result.dtype}, {result.threads} threads): "
+            f"{source} on {result.device} ({result.dtype}, {result.threads} threads, "
+            f"{_decoder_label(result)}): "
             f"batch {s.batch_size}, {s.prompt_tokens}-token prompts, {s.new_tokens} new tokens; "
             f"median (min-max) of {s.rounds} rounds after {s.warmup} warm-up"
         )

@@ -87,6 +87,9 @@ class SparseLM(HFLM):
         self.shared_contexts = shared_contexts
         #: prompts run by the shared-context path (each distinct prompt once per call)
         self.prompt_runs = 0
+        #: greedy generate_until requests decode through this path (``greedy_ids``'s
+        #: decoders: "lean" or "hf", the same tokens); sampling always uses model.generate
+        self.decoder = "lean"
 
     # -- the method -----------------------------------------------------------------
     @contextlib.contextmanager
@@ -166,7 +169,7 @@ class SparseLM(HFLM):
         if self.engine is not None:
             self.engine.reset_records()
         # lm-eval's own criteria end a batch only once every row holds the same stop
-        # string; these finish each row at its own first stop string (transformers then
+        # string; these finish each row at its own first stop string (the decoder then
         # pads it) and end the batch when every row has finished
         kwargs = dict(generation_kwargs)
         temperature = kwargs.pop("temperature", 0.0)
@@ -174,22 +177,51 @@ class SparseLM(HFLM):
             kwargs["do_sample"] = False
         if not (kwargs.get("do_sample") is False and temperature == 0.0):
             kwargs["temperature"] = temperature
+        criteria = stop_per_sequence(self.tokenizer, stop, context.shape[1])
+        mask = kwargs.pop("attention_mask", None)
         with torch.autocast(
             device_type=self.device.type,
             dtype=self.mixed_precision_dtype,
             enabled=self.mixed_precision_dtype is not None,
         ):
-            out = self.model.generate(
-                input_ids=context,
-                max_length=max_length,
-                stopping_criteria=stop_per_sequence(self.tokenizer, stop, context.shape[1]),
-                pad_token_id=self.tokenizer.pad_token_id,
-                use_cache=True,
-                **kwargs,
-            )
+            if self._lean_decodes(kwargs, max_length - context.shape[1]):
+                from autosparse.decoding import eos_ids, lean_greedy
+
+                new = lean_greedy(
+                    self.model,
+                    context,
+                    mask,
+                    max_new_tokens=max_length - context.shape[1],
+                    pad_token_id=self.tokenizer.pad_token_id,
+                    eos_token_id=eos_ids(self.model),
+                    stop=lambda sequences: criteria(sequences, None),
+                )
+                out = torch.cat([context, new], dim=1)
+            else:
+                if mask is not None:
+                    kwargs["attention_mask"] = mask
+                out = self.model.generate(
+                    input_ids=context,
+                    max_length=max_length,
+                    stopping_criteria=criteria,
+                    pad_token_id=self.tokenizer.pad_token_id,
+                    use_cache=True,
+                    **kwargs,
+                )
         self._record(contexts)
         self._tick("generate_until", advance=context.shape[0])
         return out
+
+    def _lean_decodes(self, kwargs: dict[str, Any], new_tokens: int) -> bool:
+        """Whether a generate_until call with these generate() arguments (temperature
+        already resolved) is plain greedy decoding the lean path reproduces."""
+        from autosparse.generation import resolve_decoder
+
+        return (
+            kwargs == {"do_sample": False}
+            and new_tokens >= 1
+            and resolve_decoder(self.model, self.decoder) == "lean"
+        )
 
     # -- log-likelihood ---------------------------------------------------------------
     def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:

@@ -1,0 +1,205 @@
+"""End-to-end decode speed of a real model against the machine's memory bandwidth.
+
+    .venv/bin/python benchmarks/decode_speed.py                      # smollm2-135m, ~3-5 min
+    .venv/bin/python benchmarks/decode_speed.py --model qwen2.5-0.5b
+    .venv/bin/python benchmarks/decode_speed.py --quick              # a smoke run (~1 min)
+    .venv/bin/python benchmarks/decode_speed.py --json               # one JSON object
+
+One run measures, side by side in every round (the order rotating between rounds):
+
+- the memory bandwidth a plain float32 GEMV reaches (an 8192 x 2048 matrix times a
+  vector: 64 MiB read per call, cycling through --gemv-copies matrices so that no call
+  reads from cache; median over --gemv-repeats calls), in GB/s;
+- batch-1 greedy decode of the model, dense, through ``model.generate`` ("hf") and
+  through autosparse's lean decoder ("lean", ``autosparse.decoding``), with --compile
+  also the lean decoder with its step compiled;
+- the lean decoder under CoreInfer keep --keep, sliced, on the model's default sparse
+  layers.
+
+From these: the weight bytes one decode step reads (``autosparse.bench.
+decode_step_bytes``: every weight once, one embedding row, and on the sparse layers
+only the kept neurons' share of the FFN), the bandwidth-limited decode rate
+(GEMV GB/s / bytes per step), each dense decoder's rate as a percentage of that limit,
+and the sliced run's measured speedup over lean dense as a percentage of the ideal
+speedup (dense bytes / sparse bytes, as ``autosparse bench`` reports it).
+
+Decode rate = (new tokens - 1) / the time from the first new token to the last (the
+first one is the prefill's), wall clock at torch's thread count (--threads to change
+it). Rates are medians over --rounds rounds after one warm-up round, with their min-max;
+ratios (percent of the limit, speedup) are medians of per-round ratios, so the
+bandwidth and the rates they divide were measured in the same round. On a shared
+machine, run it when nothing else runs: the load average is printed with the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from autosparse.bench import decode_step_bytes, synthetic_prompt_ids, time_generation  # noqa: E402
+from autosparse.methods import Method  # noqa: E402
+from autosparse.models import load_model  # noqa: E402
+
+GEMV_ROWS, GEMV_COLUMNS = 8192, 2048
+
+
+def gemv_bandwidth(repeats: int, copies: int) -> float:
+    """GB/s of a float32 matrix-vector product: one matrix's bytes over the median time.
+    The calls cycle through ``copies`` matrices, more bytes than the last-level cache
+    holds, so that every call reads memory, as a decode step reads its weights."""
+    matrices = [torch.randn(GEMV_ROWS, GEMV_COLUMNS) for _ in range(copies)]
+    vector = torch.randn(GEMV_COLUMNS)
+    out = torch.empty(GEMV_ROWS)
+    for matrix in matrices:
+        torch.mv(matrix, vector, out=out)
+    times = []
+    for index in range(repeats):
+        matrix = matrices[index % copies]
+        start = time.perf_counter()
+        torch.mv(matrix, vector, out=out)
+        times.append(time.perf_counter() - start)
+    return matrices[0].numel() * matrices[0].element_size() / statistics.median(times) / 1e9
+
+
+def spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2-135m", help="alias, hub id or folder")
+    p.add_argument("--quick", action="store_true", help="short run: 16 new tokens, 2 rounds")
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=48)
+    p.add_argument("--rounds", type=int, default=5, help="timed rounds (after 1 warm-up)")
+    p.add_argument("--keep", type=float, default=0.4, help="CoreInfer keep ratio, sliced")
+    p.add_argument("--gemv-repeats", type=int, default=32)
+    p.add_argument(
+        "--gemv-copies", type=int, default=8, help="GEMV matrices cycled through (64 MiB each)"
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--compile", action="store_true", help="also time the compiled lean step")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.new_tokens, args.rounds, args.gemv_repeats = 16, 2, 16
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    loaded = load_model(args.model, device="cpu", dtype="float32")
+    model, tokenizer = loaded.model, loaded.tokenizer
+    vocab = min(int(model.config.vocab_size), len(tokenizer))
+    ids = synthetic_prompt_ids(
+        vocab, 1, args.prompt_tokens, args.seed, list(tokenizer.all_special_ids)
+    )
+    pad = tokenizer.pad_token_id
+    sliced = Method.coreinfer(args.keep, mode="sliced")
+    configs = ["hf", "lean"] + (["lean compiled"] if args.compile else [])
+    configs.append(f"lean sliced keep {args.keep:g}")
+
+    def run(config: str) -> float:
+        """One generation of the config; its decode rate in tokens/s."""
+        if config.startswith("lean sliced"):
+            with sliced.apply(model) as engine:
+                got = time_generation(model, ids, new_tokens=args.new_tokens, pad_token_id=pad)
+                densities.append(engine.layer_density())
+                layers[:] = engine.layers
+        else:
+            got = time_generation(
+                model,
+                ids,
+                new_tokens=args.new_tokens,
+                pad_token_id=pad,
+                decoder="hf" if config == "hf" else "lean",
+                compile=config == "lean compiled",
+            )
+        return (args.new_tokens - 1) / got.decode
+
+    densities: list[list[float]] = []
+    layers: list[int] = []
+    rates: dict[str, list[float]] = {c: [] for c in configs}
+    bandwidth: list[float] = []
+    with torch.no_grad():
+        for config in configs:  # warm-up (and compilation)
+            run(config)
+        for index in range(args.rounds):
+            order = configs[index % len(configs) :] + configs[: index % len(configs)]
+            bandwidth.append(gemv_bandwidth(args.gemv_repeats, args.gemv_copies))
+            for config in order:
+                rates[config].append(run(config))
+            print(f"round {index + 1}/{args.rounds} done", file=sys.stderr)
+
+    dense_bytes = decode_step_bytes(model)
+    mean_density = [statistics.fmean(column) for column in zip(*densities, strict=True)]
+    sparse_bytes = decode_step_bytes(model, dict(zip(layers, mean_density, strict=True)))
+    ideal = dense_bytes / sparse_bytes
+    limit = [bw * 1e9 / dense_bytes for bw in bandwidth]  # tokens/s per round
+    sparse_config = configs[-1]
+    result = {
+        "model": loaded.source,
+        "threads": torch.get_num_threads(),
+        "load_average": os.getloadavg(),
+        "prompt_tokens": args.prompt_tokens,
+        "new_tokens": args.new_tokens,
+        "rounds": args.rounds,
+        "gemv_gb_per_s": spread(bandwidth),
+        "decode_bytes": {"dense": dense_bytes, "sparse": sparse_bytes},
+        "bandwidth_limited_tokens_per_s": spread(limit),
+        "tokens_per_s": {c: spread(v) for c, v in rates.items()},
+        "percent_of_limit": {
+            c: statistics.median(100 * r / lim for r, lim in zip(v, limit, strict=True))
+            for c, v in rates.items()
+            if not c.startswith("lean sliced")
+        },
+        "sparse_layers": layers,
+        "realized_density": statistics.fmean(mean_density),
+        "ideal_speedup": ideal,
+        "sliced_speedup": statistics.median(
+            s / d for s, d in zip(rates[sparse_config], rates["lean"], strict=True)
+        ),
+    }
+    result["percent_of_ideal"] = 100 * result["sliced_speedup"] / ideal
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+
+    def cell(s: dict, digits: int = 2) -> str:
+        return f"{s['median']:.{digits}f} ({s['min']:.{digits}f}-{s['max']:.{digits}f})"
+
+    load = ", ".join(f"{x:.2f}" for x in result["load_average"])
+    print(
+        f"{result['model']}: float32, batch 1, {args.prompt_tokens}-token prompt, "
+        f"{args.new_tokens} new tokens, {result['threads']} threads, load average {load}; "
+        f"median (min-max) of {args.rounds} rounds"
+    )
+    print(f"GEMV {GEMV_ROWS}x{GEMV_COLUMNS} float32: {cell(result['gemv_gb_per_s'])} GB/s")
+    print(
+        f"weight bytes per decode step: dense {dense_bytes / 1e6:.1f} MB; bandwidth-limited "
+        f"decode {cell(result['bandwidth_limited_tokens_per_s'])} tokens/s"
+    )
+    for config in configs:
+        line = f"  {config:<24} {cell(result['tokens_per_s'][config])} tokens/s"
+        if config in result["percent_of_limit"]:
+            line += f"  {result['percent_of_limit'][config]:.0f}% of the limit"
+        print(line)
+    print(
+        f"sliced keep {args.keep:g} on layers {layers[0]}-{layers[-1]}: realized density "
+        f"{result['realized_density']:.3f}, sparse {sparse_bytes / 1e6:.1f} MB per step, "
+        f"ideal speedup {ideal:.2f}x, measured {result['sliced_speedup']:.2f}x over lean dense "
+        f"= {result['percent_of_ideal']:.0f}% of ideal"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
