@@ -52,13 +52,16 @@ csqa=(--num-fewshot 6 --trials 6 --screen 60 --calibration 64)
 # fidelity trials cost a fraction of task trials, so the kl studies (formula and free space,
 # which the search-cost comparison of docs/performance.md reads) run more of them
 csqa_kl=(--num-fewshot 6 --trials 24 --screen 60 --calibration 64)
+# a free-space trial costs seconds (its prompts are run once per study and most children
+# are pruned early), so the evolution gets more of them
+csqa_free=(--num-fewshot 6 --trials 80 --screen 60 --calibration 64)
 truthfulqa=(--num-fewshot 0 --trials 12 --screen 40 --calibration 64 --max-gen-toks 32)
 
 for stage in "${stages[@]}"; do
     case "$stage" in
     csqa-task) study csqa-local task "$model-csqa-local-g0.4" "${csqa[@]}" ;;
     csqa-kl) study csqa-local kl "$model-csqa-local-g0.4-kl" "${csqa_kl[@]}" ;;
-    csqa-free) study csqa-local kl "$model-csqa-local-g0.4-free-kl" "${csqa_kl[@]}" --space free --grid 0.05 --max-moves 6 ;;
+    csqa-free) study csqa-local kl "$model-csqa-local-g0.4-free-kl" "${csqa_free[@]}" --space free --grid 0.05 --max-moves 6 ;;
     truthfulqa-kl) study truthfulqa-local kl "$model-truthfulqa-local-g0.4-kl" "${truthfulqa[@]}" ;;
     truthfulqa-task) study truthfulqa-local task "$model-truthfulqa-local-g0.4-task" "${truthfulqa[@]}" ;;
     csqa-sweep)
