@@ -185,7 +185,6 @@ def test_larger_random_statistics_match_direct():
         assert np.array_equal(got, want), (w_sum, w_count, th, k)
 
 
-
 def long_prompt_stats(seed, shape=(6, 4, 1024), tokens=300):
     """Long prompts: counts spread over 0..300, so most (prompt, layer, count) groups
     hold a few neurons and a layer has ~300 of them; a third of the neurons share one
