@@ -40,11 +40,11 @@ run() {
 # default name, so that csqa-sweep reuses it as its goal-0.4 study), then finalize it on the held-out documents;
 # every study shares one database, so dense and CoreInfer run once per task and sample.
 study() {
-    local task=$1 objective=$2 name=$3
-    shift 3
+    local task=$1 objective=$2 name=$3 top_k=$4
+    shift 4
     run tune --model "$model" --task "$task" --goal 0.4 --objective "$objective" \
         --study "$name" --storage "$storage" "$@"
-    run finalize --study "$name" --storage "$storage" --limit "$held_out" --top-k 2 \
+    run finalize --study "$name" --storage "$storage" --limit "$held_out" --top-k "$top_k" \
         | tee "reports/$name.txt"
 }
 
@@ -53,17 +53,17 @@ csqa=(--num-fewshot 6 --trials 6 --screen 60 --calibration 64)
 # which the search-cost comparison of docs/performance.md reads) run more of them
 csqa_kl=(--num-fewshot 6 --trials 24 --screen 60 --calibration 64)
 # a free-space trial costs seconds (its prompts are run once per study and most children
-# are pruned early), so the evolution gets more of them
-csqa_free=(--num-fewshot 6 --trials 80 --screen 60 --calibration 64)
+# are pruned early), so the evolution gets more of them; its finalize evaluates the winner
+csqa_free=(--num-fewshot 6 --trials 51 --screen 60 --calibration 64)
 truthfulqa=(--num-fewshot 0 --trials 12 --screen 40 --calibration 64 --max-gen-toks 32)
 
 for stage in "${stages[@]}"; do
     case "$stage" in
-    csqa-task) study csqa-local task "$model-csqa-local-g0.4" "${csqa[@]}" ;;
-    csqa-kl) study csqa-local kl "$model-csqa-local-g0.4-kl" "${csqa_kl[@]}" ;;
-    csqa-free) study csqa-local kl "$model-csqa-local-g0.4-free-kl" "${csqa_free[@]}" --space free --grid 0.05 --max-moves 6 ;;
-    truthfulqa-kl) study truthfulqa-local kl "$model-truthfulqa-local-g0.4-kl" "${truthfulqa[@]}" ;;
-    truthfulqa-task) study truthfulqa-local task "$model-truthfulqa-local-g0.4-task" "${truthfulqa[@]}" ;;
+    csqa-task) study csqa-local task "$model-csqa-local-g0.4" 2 "${csqa[@]}" ;;
+    csqa-kl) study csqa-local kl "$model-csqa-local-g0.4-kl" 2 "${csqa_kl[@]}" ;;
+    csqa-free) study csqa-local kl "$model-csqa-local-g0.4-free-kl" 1 "${csqa_free[@]}" --space free --grid 0.05 --max-moves 6 ;;
+    truthfulqa-kl) study truthfulqa-local kl "$model-truthfulqa-local-g0.4-kl" 2 "${truthfulqa[@]}" ;;
+    truthfulqa-task) study truthfulqa-local task "$model-truthfulqa-local-g0.4-task" 2 "${truthfulqa[@]}" ;;
     csqa-sweep)
         run sweep --model "$model" --task csqa-local --goals 0.3,0.4,0.5 --storage "$storage" \
             --limit "$held_out" "${csqa[@]}" | tee "reports/$model-csqa-local-sweep.txt"
