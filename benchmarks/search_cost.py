@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             ax.step(xs, ys, where="post", marker="o", ms=3, label=f"{c.study} ({c.space})")
         ax.axhline(target, linestyle="--", color="gray", label="common target")
         ax.set_xlabel("search time, minutes (sum of trial times)")
-        ax.set_ylabel(f"best so far ({curves[0].objective}; higher is better)")
+        ax.set_ylabel("best so far (the study value; higher is better)")
         ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(args.plot, dpi=100)
