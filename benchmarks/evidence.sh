@@ -7,8 +7,8 @@
 # DIR is a folder that is kept between sessions (every study, calibration statistic and
 # evaluation is stored under DIR/studies/evidence.db, so a stopped run resumes where it
 # stopped and a finished stage costs nothing when run again). STAGE is one or more of
-#   csqa-task  csqa-kl  csqa-free  csqa-selectors  csqa-sweep  truthfulqa-kl  truthfulqa-task
-#   nq-probe
+#   csqa-task  csqa-kl  csqa-free  csqa-griffin  csqa-selectors  csqa-sweep  truthfulqa-kl
+#   truthfulqa-task  nq-probe
 # (default: csqa-task csqa-kl). Needs `make qwen-0.5b` first. Each stage prints the
 # report that docs/results.md quotes; reports are also written to DIR/reports/.
 #
@@ -87,6 +87,49 @@ a, b = (json.load(open(path)) for path in sys.argv[1:3])
 d = paired_difference(a["sample_ids"], a["sample_scores"], b["sample_ids"], b["sample_scores"])
 print(f"GRIFFIN {a['score']:.4f}  CoreInfer {b['score']:.4f}  n {d.n}")
 print(f"GRIFFIN - CoreInfer {d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}], detectable {d.detectable():.4f}")
+PY
+        ;;
+    csqa-griffin)
+        # GRIFFIN's rule at uniform keep 0.4 on the held-out documents of the csqa studies,
+        # paired with CoreInfer and the free winner there (both read from the store)
+        "$(dirname "$autosparse")/python" - "$storage" "$model-csqa-local-g0.4-free-kl" \
+            "$held_out" <<'PY' | tee "reports/$model-csqa-local-griffin-held-out.txt"
+import sys
+
+from autosparse import workflow
+from autosparse.finalize import candidates, held_out_ids
+from autosparse.methods import Method
+from autosparse.stats import paired_difference
+from autosparse.store import ResultStore
+from autosparse.tasks.evaluator import TaskEvaluator
+from autosparse.tuning import SPEC_ATTR, StudySpec, load_existing, open_storage
+
+url, name, limit = sys.argv[1], sys.argv[2], int(sys.argv[3])
+study = load_existing(open_storage(url, heartbeat=None), name)
+spec = StudySpec.from_dict(study.user_attrs[SPEC_ATTR])
+loaded = workflow.load_quietly(spec.model, "auto", "auto")
+with ResultStore(url) as store:
+    options = workflow.study_options(spec, batch_size=8, max_gen_toks=None, store=store,
+                                     progress=False)
+    evaluator = TaskEvaluator(loaded, options)
+    attrs = study.user_attrs
+    ids = held_out_ids(evaluator.document_ids(), calibration=attrs.get("calibration_ids", ()),
+                       screen=attrs.get("screen_ids", ()), limit=limit, seed=spec.seed)
+    uniform = dict(layers=spec.layers, mode="masked")
+    methods = {
+        "CoreInfer keep=0.4": Method.coreinfer(0.4, spec.token_ratio, **uniform),
+        "GRIFFIN keep=0.4": Method.coreinfer(0.4, spec.token_ratio, selector="griffin",
+                                             **uniform),
+        "free winner": candidates(study, spec, top_k=1, select="mean")[0].method,
+    }
+    results = {label: evaluator.run(m, ids) for label, m in methods.items()}
+for label, r in results.items():
+    print(f"{label}: acc {r.score:.4f} on {len(r.sample_ids)} documents")
+for a, b in [("GRIFFIN keep=0.4", "CoreInfer keep=0.4"), ("free winner", "GRIFFIN keep=0.4")]:
+    ra, rb = results[a], results[b]
+    d = paired_difference(ra.sample_ids, ra.sample_scores, rb.sample_ids, rb.sample_scores)
+    print(f"{a} - {b}: {d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}], "
+          f"detectable {d.detectable():.4f}")
 PY
         ;;
     nq-probe)
