@@ -14,6 +14,7 @@ from autosparse.cli.base import (
     sparsity_options,
 )
 from autosparse.cli.base import console as make_console
+from autosparse.decoding import DECODERS
 
 
 @click.command("bench")
@@ -51,7 +52,7 @@ from autosparse.cli.base import console as make_console
 )
 @click.option(
     "--decoder",
-    type=click.Choice(["lean", "hf"]),
+    type=click.Choice(DECODERS),
     default="lean",
     show_default=True,
     help="Decoding path: lean (a static KV cache and one forward call per token) or hf "
