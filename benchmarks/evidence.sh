@@ -65,7 +65,7 @@ for stage in "${stages[@]}"; do
     truthfulqa-kl) study truthfulqa-local kl "$model-truthfulqa-local-g0.4-kl" 2 "${truthfulqa[@]}" ;;
     truthfulqa-task) study truthfulqa-local task "$model-truthfulqa-local-g0.4-task" 2 "${truthfulqa[@]}" ;;
     csqa-sweep)
-        run sweep --model "$model" --task csqa-local --goals 0.3,0.4,0.5 --storage "$storage" \
+        run sweep --model "$model" --task csqa-local --goals 0.3,0.4,0.5 --storage "$storage" --top-k 2 \
             --limit "$held_out" "${csqa[@]}" | tee "reports/$model-csqa-local-sweep.txt"
         ;;
     csqa-selectors)
