@@ -39,9 +39,6 @@ StatusCallback = Callable[[str], None]
 TrialCallback = Callable[["TrialReport", str], None]
 
 STUDIES_DIR = Path("studies")
-#: the study `autosparse tune` with no options creates, and `finalize` with no --study reads
-DEFAULT_STUDY = "smollm2-135m-csqa-local-g0.3"
-
 
 # ---------------------------------------------------------------- tune
 

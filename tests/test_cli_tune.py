@@ -249,7 +249,7 @@ def _tune_options(args):
 
 def test_embedded_default_study_sizes(tmp_path):
     """`autosparse tune` with no options is the embedded demo (6 shots, goal and CoreInfer
-    keep 0.3); any other model or task gets the reference's sizes and goal 0.4."""
+    keep 0.2); any other model or task gets the reference's sizes and goal 0.4."""
     from autosparse.cli.tune import study_spec
     from autosparse.errors import ModelNotFoundError
 
@@ -257,8 +257,14 @@ def test_embedded_default_study_sizes(tmp_path):
         spec = study_spec(_tune_options([]))
     except ModelNotFoundError:
         pytest.skip("the SmolLM2 package is not installed")
-    assert (spec.goal, spec.baseline_keep, spec.num_fewshot) == (0.3, 0.3, 6)
+    assert (spec.goal, spec.baseline_keep, spec.num_fewshot) == (0.2, 0.2, 6)
     assert (spec.screen, spec.calibration) == (30, 32)
+    # finalize with no --study reads the study that tune with no options creates
+    from autosparse.cli.tune import embedded_study_name
+    from autosparse.tuning import default_study_name
+
+    name = default_study_name(spec.model, spec.task, spec.goal, spec.goal_from_baseline)
+    assert embedded_study_name() == name == "smollm2-135m-csqa-local-g0.2"
     other = tmp_path / "folder-model"
     other.mkdir()
     spec = study_spec(_tune_options(["--model", str(other)]))
