@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -652,7 +653,7 @@ GOAL_HEADER = "goal (mean keep)"
 
 
 def _headers(sweep: Sweep) -> list[str]:
-    from autosparse.report import DENSITY_HEADER, KEPT_HEADER
+    from autosparse.report import DENSITY_HEADER, DETECTABLE_HEADER, KEPT_HEADER, NEEDED_HEADER
 
     level = next((p.row.diff.level for p in sweep.points if p.row.diff is not None), 0.95)
     return [
@@ -664,7 +665,9 @@ def _headers(sweep: Sweep) -> list[str]:
         sweep.metric,
         "% of dense",
         f"Δ vs {sweep.reference} [{level:.0%} CI]",
+        DETECTABLE_HEADER,
         "verdict",
+        NEEDED_HEADER,
         "n",
     ]
 
@@ -676,7 +679,14 @@ def _series_label(p: SweepPoint) -> str:
     return SERIES_LABELS[p.series]
 
 
+#: columns of _headers/_cells written left-aligned, and the verdict's column
+_LEFT_COLUMNS = (1, 2, 9)
+_VERDICT_COLUMN = 9
+
+
 def _cells(p: SweepPoint) -> list[str]:
+    from autosparse.report import detectable_cell, needed_cell
+
     row = p.row
 
     def fixed(v: float | None) -> str:
@@ -695,7 +705,9 @@ def _cells(p: SweepPoint) -> list[str]:
         f"{row.value:.4g}",
         "—" if row.pct_dense is None else f"{row.pct_dense:.1f}%",
         diff,
+        "—" if row.is_baseline else detectable_cell(row.diff),
         row.verdict or "—",
+        "—" if row.is_baseline else needed_cell(row.diff),
         str(row.n),
     ]
 
@@ -720,12 +732,12 @@ def sweep_table(sweep: Sweep) -> Table:
         pad_edge=False,
     )
     for i, h in enumerate(_headers(sweep)):
-        table.add_column(h, justify="left" if i in (1, 2, 8) else "right")
+        table.add_column(h, justify="left" if i in _LEFT_COLUMNS else "right")
     style = {"better": "green", "worse": "red", "baseline": "dim"}
     for p in _ordered(sweep):
         cells = [Text(c) for c in _cells(p)]
         if p.row.verdict in style:
-            cells[8].stylize(style[p.row.verdict])
+            cells[_VERDICT_COLUMN].stylize(style[p.row.verdict])
         table.add_row(*cells)
     return table
 
@@ -778,7 +790,9 @@ def to_markdown(sweep: Sweep, plot_name: str = "sweep.png") -> str:
         f"## Held-out documents ({len(sweep.ids)})",
         "",
         "| " + " | ".join(h.replace("|", "\\|") for h in headers) + " |",
-        "|" + "|".join("---" if i in (1, 2, 8) else "---:" for i in range(len(headers))) + "|",
+        "|"
+        + "|".join("---" if i in _LEFT_COLUMNS else "---:" for i in range(len(headers)))
+        + "|",
     ]
     for p in _ordered(sweep):
         out.append("| " + " | ".join(c.replace("|", "\\|") for c in _cells(p)) + " |")
@@ -872,9 +886,9 @@ def plot(sweep: Sweep, path: str | Path) -> Path:
                 ax.axvspan(iso.low, high, color="tab:blue", alpha=0.1)
         ax.set_xlabel("realized density (fraction of FFN neurons decode ran)")
         ax.set_ylabel(f"{sweep.metric} (mean per document)")
-        ax.set_title(
-            f"{sweep.model} · {sweep.task} · {len(sweep.ids)} held-out documents", fontsize=9
-        )
+        # a model's identity can be long (quantization, hash): wrap it within the axes
+        title = f"{sweep.model} · {sweep.task} · {len(sweep.ids)} held-out documents"
+        ax.set_title("\n".join(textwrap.wrap(title, 90)), fontsize=9)
         ax.legend(fontsize=8, loc="best")
         ax.grid(alpha=0.3)
         fig.tight_layout()

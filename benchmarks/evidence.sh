@@ -14,8 +14,8 @@
 #
 # Costs measured on this project's 2-core CPU machine (masked mode, batch 8, float32):
 # csqa-local with 6 shots about 1.2 s per document and method; truthfulqa-local about
-# 5-12 s per document (the prompt carries a long fixed primer and 32 tokens are
-# generated); nq-local 1.3 s.
+# 2.4 s per document on a quiet machine (the prompt carries a long fixed primer and 32
+# tokens are generated; 5-12 s with the machine loaded); nq-local 1.3 s.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -179,6 +179,16 @@ def test_points_of_a_sweep_with_a_stand_in_evaluator(tmp_path):
     points = json.loads(js.read_text())["points"]
     assert points == to_json(sweep)["points"] and len(points) == 2 + 3 * 2
     assert "| — | CoreInfer | CoreInfer keep=0.4 |" in md.read_text()
+    # beside every paired interval: the detectable difference and, when unclear, the
+    # documents that would resolve it, as in finalize's report
+    from autosparse.report import detectable_cell
+
+    lines = md.read_text().splitlines()
+    header = next(line for line in lines if line.startswith("| goal"))
+    assert "detectable (80% power)" in header and "docs to resolve" in header
+    rows = [line for line in lines if line.startswith("| 0.3 | tuned levels: AVG")]
+    point = next(p for p in sweep.series(TUNED_AVG) if p.goal == 0.3)
+    assert len(rows) == 1 and f"| {detectable_cell(point.row.diff)} |" in rows[0]
 
 
 @pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
