@@ -790,9 +790,7 @@ def to_markdown(sweep: Sweep, plot_name: str = "sweep.png") -> str:
         f"## Held-out documents ({len(sweep.ids)})",
         "",
         "| " + " | ".join(h.replace("|", "\\|") for h in headers) + " |",
-        "|"
-        + "|".join("---" if i in _LEFT_COLUMNS else "---:" for i in range(len(headers)))
-        + "|",
+        "|" + "|".join("---" if i in _LEFT_COLUMNS else "---:" for i in range(len(headers))) + "|",
     ]
     for p in _ordered(sweep):
         out.append("| " + " | ".join(c.replace("|", "\\|") for c in _cells(p)) + " |")
