@@ -190,6 +190,31 @@ def write_ahead_log(engine: Engine, url: str | Location) -> None:
         pass
 
 
+def immediate_transactions(engine: Engine, url: str | Location) -> None:
+    """Make every transaction on a SQLite file take the write lock when it begins
+    (``BEGIN IMMEDIATE``), so that a read and the write that depends on it are one atomic
+    step across workers. Python's sqlite3 begins a transaction only at the first write, so
+    without this two workers can both read a queued trial as WAITING and both run it
+    (the second then fails with "Cannot tell a COMPLETE trial"). Readers wait on the busy
+    timeout instead; Optuna's transactions are short. Pooled connections are dropped so
+    that every later connection gets the rule."""
+    from sqlalchemy import event
+
+    location = locate(url)
+    if location.backend != "sqlite" or location.in_memory:
+        return
+
+    @event.listens_for(engine, "connect")
+    def _no_implicit_begin(dbapi_connection, _record):
+        dbapi_connection.isolation_level = None  # the driver's own BEGIN, off
+
+    @event.listens_for(engine, "begin")
+    def _begin_immediate(connection):
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()
+
+
 def lost_creation_race(exc: BaseException) -> bool:
     """Whether ``exc`` is what a worker sees when another one created the same tables or
     rows a moment before: a duplicate key, "already exists", or SQLite's immediate "database

@@ -648,6 +648,7 @@ def open_storage(url: str, *, heartbeat: int | None = HEARTBEAT):
 
     rdb = storage.initialize(location, create)
     storage.write_ahead_log(rdb.engine, location)
+    storage.immediate_transactions(rdb.engine, location)
     return rdb
 
 

@@ -258,3 +258,23 @@ def test_a_storage_error_of_another_kind_passes_unchanged():
     with pytest.raises(StorageError) as info:
         storage.initialize("sqlite://", create)
     assert info.value is mismatch and len(calls) == 1
+
+
+def test_a_study_transaction_on_sqlite_holds_the_write_lock_from_its_start(tmp_path):
+    """Two workers must not both read a queued trial as WAITING and both run it: every
+    transaction of the Optuna storage on a SQLite file begins IMMEDIATE, so a read inside
+    it already excludes another writer."""
+    import sqlite3
+
+    from autosparse.tuning import open_storage
+
+    path = tmp_path / "s.db"
+    rdb = open_storage(f"sqlite:///{path}", heartbeat=None)
+    other = sqlite3.connect(path, timeout=0, isolation_level=None)
+    with rdb.engine.begin() as conn:
+        conn.exec_driver_sql("SELECT count(*) FROM trials").scalar()
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            other.execute("BEGIN IMMEDIATE")
+    other.execute("BEGIN IMMEDIATE")  # free again once the transaction ended
+    other.execute("ROLLBACK")
+    other.close()
