@@ -679,9 +679,8 @@ def _series_label(p: SweepPoint) -> str:
     return SERIES_LABELS[p.series]
 
 
-#: columns of _headers/_cells written left-aligned, and the verdict's column
-_LEFT_COLUMNS = (1, 2, 9)
-_VERDICT_COLUMN = 9
+#: the columns of _headers written left-aligned (text, not numbers)
+_LEFT_HEADERS = ("method", "setting", "verdict")
 
 
 def _cells(p: SweepPoint) -> list[str]:
@@ -731,13 +730,14 @@ def sweep_table(sweep: Sweep) -> Table:
         box=box.SIMPLE_HEAVY,
         pad_edge=False,
     )
-    for i, h in enumerate(_headers(sweep)):
-        table.add_column(h, justify="left" if i in _LEFT_COLUMNS else "right")
+    headers = _headers(sweep)
+    for h in headers:
+        table.add_column(h, justify="left" if h in _LEFT_HEADERS else "right")
     style = {"better": "green", "worse": "red", "baseline": "dim"}
     for p in _ordered(sweep):
         cells = [Text(c) for c in _cells(p)]
         if p.row.verdict in style:
-            cells[_VERDICT_COLUMN].stylize(style[p.row.verdict])
+            cells[headers.index("verdict")].stylize(style[p.row.verdict])
         table.add_row(*cells)
     return table
 
@@ -790,7 +790,7 @@ def to_markdown(sweep: Sweep, plot_name: str = "sweep.png") -> str:
         f"## Held-out documents ({len(sweep.ids)})",
         "",
         "| " + " | ".join(h.replace("|", "\\|") for h in headers) + " |",
-        "|" + "|".join("---" if i in _LEFT_COLUMNS else "---:" for i in range(len(headers))) + "|",
+        "|" + "|".join("---" if h in _LEFT_HEADERS else "---:" for h in headers) + "|",
     ]
     for p in _ordered(sweep):
         out.append("| " + " | ".join(c.replace("|", "\\|") for c in _cells(p)) + " |")
