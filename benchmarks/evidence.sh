@@ -8,7 +8,7 @@
 # evaluation is stored under DIR/studies/evidence.db, so a stopped run resumes where it
 # stopped and a finished stage costs nothing when run again). STAGE is one or more of
 #   csqa-task  csqa-kl  csqa-free  csqa-griffin  csqa-selectors  csqa-sweep  truthfulqa-kl
-#   truthfulqa-task  nq-probe
+#   truthfulqa-free  truthfulqa-griffin  truthfulqa-task  nq-probe
 # (default: csqa-task csqa-kl). Needs `make qwen-0.5b` first. Each stage prints the
 # report that docs/results.md quotes; reports are also written to DIR/reports/.
 #
@@ -56,44 +56,14 @@ csqa_kl=(--num-fewshot 6 --trials 24 --screen 60 --calibration 64)
 # are pruned early), so the evolution gets more of them; its finalize evaluates the winner
 csqa_free=(--num-fewshot 6 --trials 51 --screen 60 --calibration 64)
 truthfulqa=(--num-fewshot 0 --trials 12 --screen 40 --calibration 64 --max-gen-toks 32)
+truthfulqa_free=(--num-fewshot 0 --trials 51 --screen 40 --calibration 64 --max-gen-toks 32)
 
-for stage in "${stages[@]}"; do
-    case "$stage" in
-    csqa-task) study csqa-local task "$model-csqa-local-g0.4" 2 "${csqa[@]}" ;;
-    csqa-kl) study csqa-local kl "$model-csqa-local-g0.4-kl" 2 "${csqa_kl[@]}" ;;
-    csqa-free) study csqa-local kl "$model-csqa-local-g0.4-free-kl" 1 "${csqa_free[@]}" --space free --grid 0.05 --max-moves 6 ;;
-    truthfulqa-kl) study truthfulqa-local kl "$model-truthfulqa-local-g0.4-kl" 2 "${truthfulqa[@]}" ;;
-    truthfulqa-task) study truthfulqa-local task "$model-truthfulqa-local-g0.4-task" 2 "${truthfulqa[@]}" ;;
-    csqa-sweep)
-        run sweep --model "$model" --task csqa-local --goals 0.3,0.4,0.5 --storage "$storage" --top-k 2 \
-            --limit "$held_out" "${csqa[@]}" | tee "reports/$model-csqa-local-sweep.txt"
-        ;;
-    csqa-selectors)
-        # which neurons: GRIFFIN's rule against CoreInfer's votes, uniform keep 0.4, on one
-        # seeded sample of 300 documents (eval's sample, not a study's held-out one)
-        for selector in griffin coreinfer; do
-            run eval --model "$model" --task csqa-local --method coreinfer --keep 0.4 \
-                --selector "$selector" --num-fewshot 6 --limit "$held_out" \
-                --storage "$storage" --json > "reports/$model-csqa-local-$selector.json"
-        done
-        "$(dirname "$autosparse")/python" - "reports/$model-csqa-local-griffin.json" \
-            "reports/$model-csqa-local-coreinfer.json" <<'PY' | tee "reports/$model-csqa-local-selectors.txt"
-import json
-import sys
-
-from autosparse.stats import paired_difference
-
-a, b = (json.load(open(path)) for path in sys.argv[1:3])
-d = paired_difference(a["sample_ids"], a["sample_scores"], b["sample_ids"], b["sample_scores"])
-print(f"GRIFFIN {a['score']:.4f}  CoreInfer {b['score']:.4f}  n {d.n}")
-print(f"GRIFFIN - CoreInfer {d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}], detectable {d.detectable():.4f}")
-PY
-        ;;
-    csqa-griffin)
-        # GRIFFIN's rule at uniform keep 0.4 on the held-out documents of the csqa studies,
-        # paired with CoreInfer and the free winner there (both read from the store)
-        "$(dirname "$autosparse")/python" - "$storage" "$model-csqa-local-g0.4-free-kl" \
-            "$held_out" <<'PY' | tee "reports/$model-csqa-local-griffin-held-out.txt"
+# GRIFFIN's rule at uniform keep 0.4 on the held-out documents of a task's studies, paired
+# with CoreInfer and with the free winner of study $2 there (both read from the store)
+griffin_held_out() {
+    local task=$1 free=$2
+    "$(dirname "$autosparse")/python" - "$storage" "$free" \
+        "$held_out" <<'PY' | tee "reports/$model-$task-griffin-held-out.txt"
 import sys
 
 from autosparse import workflow
@@ -124,14 +94,51 @@ with ResultStore(url) as store:
     }
     results = {label: evaluator.run(m, ids) for label, m in methods.items()}
 for label, r in results.items():
-    print(f"{label}: acc {r.score:.4f} on {len(r.sample_ids)} documents")
+    print(f"{label}: {spec.task} score {r.score:.4f} on {len(r.sample_ids)} documents")
 for a, b in [("GRIFFIN keep=0.4", "CoreInfer keep=0.4"), ("free winner", "GRIFFIN keep=0.4")]:
     ra, rb = results[a], results[b]
     d = paired_difference(ra.sample_ids, ra.sample_scores, rb.sample_ids, rb.sample_scores)
     print(f"{a} - {b}: {d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}], "
           f"detectable {d.detectable():.4f}")
 PY
+}
+
+for stage in "${stages[@]}"; do
+    case "$stage" in
+    csqa-task) study csqa-local task "$model-csqa-local-g0.4" 2 "${csqa[@]}" ;;
+    csqa-kl) study csqa-local kl "$model-csqa-local-g0.4-kl" 2 "${csqa_kl[@]}" ;;
+    csqa-free) study csqa-local kl "$model-csqa-local-g0.4-free-kl" 1 "${csqa_free[@]}" --space free --grid 0.05 --max-moves 6 ;;
+    truthfulqa-kl) study truthfulqa-local kl "$model-truthfulqa-local-g0.4-kl" 2 "${truthfulqa[@]}" ;;
+    truthfulqa-free) study truthfulqa-local kl "$model-truthfulqa-local-g0.4-free-kl" 1 "${truthfulqa_free[@]}" \
+        --space free --grid 0.05 --max-moves 6 ;;
+    truthfulqa-task) study truthfulqa-local task "$model-truthfulqa-local-g0.4-task" 2 "${truthfulqa[@]}" ;;
+    csqa-sweep)
+        run sweep --model "$model" --task csqa-local --goals 0.3,0.4,0.5 --storage "$storage" --top-k 2 \
+            --limit "$held_out" "${csqa[@]}" | tee "reports/$model-csqa-local-sweep.txt"
         ;;
+    csqa-selectors)
+        # which neurons: GRIFFIN's rule against CoreInfer's votes, uniform keep 0.4, on one
+        # seeded sample of 300 documents (eval's sample, not a study's held-out one)
+        for selector in griffin coreinfer; do
+            run eval --model "$model" --task csqa-local --method coreinfer --keep 0.4 \
+                --selector "$selector" --num-fewshot 6 --limit "$held_out" \
+                --storage "$storage" --json > "reports/$model-csqa-local-$selector.json"
+        done
+        "$(dirname "$autosparse")/python" - "reports/$model-csqa-local-griffin.json" \
+            "reports/$model-csqa-local-coreinfer.json" <<'PY' | tee "reports/$model-csqa-local-selectors.txt"
+import json
+import sys
+
+from autosparse.stats import paired_difference
+
+a, b = (json.load(open(path)) for path in sys.argv[1:3])
+d = paired_difference(a["sample_ids"], a["sample_scores"], b["sample_ids"], b["sample_scores"])
+print(f"GRIFFIN {a['score']:.4f}  CoreInfer {b['score']:.4f}  n {d.n}")
+print(f"GRIFFIN - CoreInfer {d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}], detectable {d.detectable():.4f}")
+PY
+        ;;
+    csqa-griffin) griffin_held_out csqa-local "$model-csqa-local-g0.4-free-kl" ;;
+    truthfulqa-griffin) griffin_held_out truthfulqa-local "$model-truthfulqa-local-g0.4-free-kl" ;;
     nq-probe)
         # is dense above the floor at all? (exact match of NQ-open answers)
         run eval --model "$model" --task nq-local --method dense --num-fewshot 6 \
