@@ -280,6 +280,10 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto") -> LoadedMo
     model = _load_weights(name, source, torch_dtype)
     model.to(dev)
     model.eval()
+    from autosparse.layout import column_major_wide, default_layout
+
+    if default_layout(dev, torch_dtype) == "column-wide":
+        column_major_wide(model)  # faster decoding on the CPU (autosparse.layout)
 
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token

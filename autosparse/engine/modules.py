@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from autosparse.engine.runtime import LayerRuntime
+from autosparse.layout import is_column_major
 
 
 def _padded_ids(runtime: LayerRuntime) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,10 +47,25 @@ def _buffer(spare: dict[str, torch.Tensor], key: str, shape: tuple, like: torch.
 
 def _gather_rows(weights: list[torch.Tensor], ids: torch.Tensor, spare: dict, key: str):
     """(B, len(weights) * K, D): for every sequence b, rows ``ids[b]`` of each weight (N, D),
-    stacked. Written straight into one contiguous buffer (no concatenation copy)."""
+    stacked. Written straight into one contiguous buffer (no concatenation copy).
+
+    Weights stored column-major (``autosparse.layout``: float32 on the CPU) are gathered
+    along their contiguous dimension into a (B, D, len(weights) * K) buffer, and the result
+    is its transposed view: the same numbers, kept column-major, so that the sliced decode
+    step multiplies in the layout that is fast for the dense one too."""
     bsz, width = ids.shape
     first = weights[0]
-    out = _buffer(spare, key, (bsz, len(weights) * width, first.shape[1]), first)
+    rows = len(weights) * width
+    if all(is_column_major(w) for w in weights):
+        old = spare.get(key)
+        if old is not None and old.dim() == 3 and old.transpose(1, 2).is_contiguous():
+            spare[key] = old.transpose(1, 2)  # the buffer behind last batch's view
+        out = _buffer(spare, key, (bsz, first.shape[1], rows), first)
+        for b in range(bsz):
+            for j, w in enumerate(weights):
+                out[b, :, j * width : (j + 1) * width].copy_(w.t().index_select(1, ids[b]))
+        return out.transpose(1, 2)
+    out = _buffer(spare, key, (bsz, rows, first.shape[1]), first)
     for b in range(bsz):
         for j, w in enumerate(weights):
             torch.index_select(w, 0, ids[b], out=out[b, j * width : (j + 1) * width])
