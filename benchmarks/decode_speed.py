@@ -9,10 +9,20 @@ One run measures, side by side in every round (the order rotating between rounds
 
 - the memory bandwidth a plain float32 GEMV reaches (an 8192 x 2048 matrix times a
   vector: 64 MiB read per call, cycling through --gemv-copies matrices so that no call
-  reads from cache; median over --gemv-repeats calls), in GB/s;
+  reads from cache; median over --gemv-repeats calls), in GB/s, with the matrix stored
+  row-major and column-major; the faster of the two is the machine's bandwidth;
+- the model's own matrix-vector products alone ("matmuls alone"): one vector times
+  every ``nn.Linear`` of the model in module order (the lm_head included), back to back
+  with nothing else, median over --chain-repeats passes, in the loaded layout and
+  row-major. It is what a decode step costs
+  if attention, norms, activations and the framework cost nothing while every matrix
+  still runs as its own GEMV, so it bounds any decoder that does not fuse matrices;
+  small matrices reach less bandwidth than the 64 MiB one;
 - batch-1 greedy decode of the model, dense, through ``model.generate`` ("hf") and
   through autosparse's lean decoder ("lean", ``autosparse.decoding``), with --compile
-  also the lean decoder with its step compiled;
+  also the lean decoder with its step compiled; and the lean decoder with every weight
+  row-major as the checkpoint stores it ("lean row-major"), where ``load_model`` stored
+  the wide layers column-major (float32 on the CPU, ``autosparse.layout``);
 - the lean decoder under CoreInfer keep --keep, sliced, on the model's default sparse
   layers.
 
@@ -46,28 +56,66 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 
 from autosparse.bench import decode_step_bytes, synthetic_prompt_ids, time_generation  # noqa: E402
+from autosparse.layout import is_column_major, weight_layout, wide_linears  # noqa: E402
 from autosparse.methods import Method  # noqa: E402
 from autosparse.models import load_model  # noqa: E402
 
 GEMV_ROWS, GEMV_COLUMNS = 8192, 2048
 
 
-def gemv_bandwidth(repeats: int, copies: int) -> float:
+def gemv_bandwidth(repeats: int, copies: int, transposed: bool = False) -> float:
     """GB/s of a float32 matrix-vector product: one matrix's bytes over the median time.
     The calls cycle through ``copies`` matrices, more bytes than the last-level cache
-    holds, so that every call reads memory, as a decode step reads its weights."""
-    matrices = [torch.randn(GEMV_ROWS, GEMV_COLUMNS) for _ in range(copies)]
+    holds, so that every call reads memory, as a decode step reads its weights. With
+    ``transposed`` the matrix is stored column-major (the vector times its transpose)."""
+    shape = (GEMV_COLUMNS, GEMV_ROWS) if transposed else (GEMV_ROWS, GEMV_COLUMNS)
+    matrices = [torch.randn(*shape) for _ in range(copies)]
     vector = torch.randn(GEMV_COLUMNS)
     out = torch.empty(GEMV_ROWS)
+
+    def call(matrix: torch.Tensor) -> None:
+        if transposed:
+            torch.mv(matrix.t(), vector, out=out)
+        else:
+            torch.mv(matrix, vector, out=out)
+
     for matrix in matrices:
-        torch.mv(matrix, vector, out=out)
+        call(matrix)
     times = []
     for index in range(repeats):
         matrix = matrices[index % copies]
         start = time.perf_counter()
-        torch.mv(matrix, vector, out=out)
+        call(matrix)
         times.append(time.perf_counter() - start)
     return matrices[0].numel() * matrices[0].element_size() / statistics.median(times) / 1e9
+
+
+def linear_chain(model) -> tuple[list[tuple[torch.Tensor, torch.Tensor | None]], int]:
+    """Every ``nn.Linear`` of the model in module order with its bias, and their bytes."""
+    chain = [
+        (module.weight, module.bias)
+        for module in model.modules()
+        if isinstance(module, torch.nn.Linear)
+    ]
+    nbytes = sum(sum(t.numel() * t.element_size() for t in pair if t is not None) for pair in chain)
+    return chain, nbytes
+
+
+def chain_rate(chain, repeats: int) -> float:
+    """Passes per second of one vector through every matrix of ``chain`` (median)."""
+    inputs = [torch.randn(1, weight.shape[1], dtype=weight.dtype) for weight, _ in chain]
+
+    def one_pass() -> None:
+        for (weight, bias), x in zip(chain, inputs, strict=True):
+            torch.nn.functional.linear(x, weight, bias)
+
+    one_pass()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        one_pass()
+        times.append(time.perf_counter() - start)
+    return 1 / statistics.median(times)
 
 
 def spread(values: list[float]) -> dict:
@@ -86,13 +134,16 @@ def main(argv=None) -> int:
     p.add_argument(
         "--gemv-copies", type=int, default=8, help="GEMV matrices cycled through (64 MiB each)"
     )
+    p.add_argument(
+        "--chain-repeats", type=int, default=10, help="passes of the matmuls-alone chain"
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--compile", action="store_true", help="also time the compiled lean step")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.quick:
-        args.new_tokens, args.rounds, args.gemv_repeats = 16, 2, 16
+        args.new_tokens, args.rounds, args.gemv_repeats, args.chain_repeats = 16, 2, 16, 4
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -105,6 +156,9 @@ def main(argv=None) -> int:
     pad = tokenizer.pad_token_id
     sliced = Method.coreinfer(args.keep, mode="sliced")
     configs = ["hf", "lean"] + (["lean compiled"] if args.compile else [])
+    column = any(is_column_major(m.weight) for m in wide_linears(model))
+    if column:
+        configs.append("lean row-major")
     configs.append(f"lean sliced keep {args.keep:g}")
 
     def run(config: str) -> float:
@@ -114,6 +168,9 @@ def main(argv=None) -> int:
                 got = time_generation(model, ids, new_tokens=args.new_tokens, pad_token_id=pad)
                 densities.append(engine.layer_density())
                 layers[:] = engine.layers
+        elif config == "lean row-major":
+            with weight_layout(model, "row"):
+                got = time_generation(model, ids, new_tokens=args.new_tokens, pad_token_id=pad)
         else:
             got = time_generation(
                 model,
@@ -129,12 +186,24 @@ def main(argv=None) -> int:
     layers: list[int] = []
     rates: dict[str, list[float]] = {c: [] for c in configs}
     bandwidth: list[float] = []
+    gemv: dict[str, list[float]] = {"row-major": [], "column-major": []}
+    chain, chain_bytes = linear_chain(model)
+    chain_rates: list[float] = []
+    row_chain_rates: list[float] = []
     with torch.no_grad():
         for config in configs:  # warm-up (and compilation)
             run(config)
         for index in range(args.rounds):
             order = configs[index % len(configs) :] + configs[: index % len(configs)]
-            bandwidth.append(gemv_bandwidth(args.gemv_repeats, args.gemv_copies))
+            for layout, values in gemv.items():
+                values.append(
+                    gemv_bandwidth(args.gemv_repeats, args.gemv_copies, layout == "column-major")
+                )
+            bandwidth.append(max(values[-1] for values in gemv.values()))
+            chain_rates.append(chain_rate(chain, args.chain_repeats))
+            if column:
+                with weight_layout(model, "row"):
+                    row_chain_rates.append(chain_rate(linear_chain(model)[0], args.chain_repeats))
             for config in order:
                 rates[config].append(run(config))
             print(f"round {index + 1}/{args.rounds} done", file=sys.stderr)
@@ -153,11 +222,27 @@ def main(argv=None) -> int:
         "new_tokens": args.new_tokens,
         "rounds": args.rounds,
         "gemv_gb_per_s": spread(bandwidth),
+        "gemv_gb_per_s_by_layout": {layout: spread(v) for layout, v in gemv.items()},
         "decode_bytes": {"dense": dense_bytes, "sparse": sparse_bytes},
         "bandwidth_limited_tokens_per_s": spread(limit),
+        "matmuls_alone": {
+            "matrices": len(chain),
+            "bytes": chain_bytes,
+            "tokens_per_s": spread(chain_rates),
+            "gb_per_s": spread([r * chain_bytes / 1e9 for r in chain_rates]),
+            "percent_of_limit": statistics.median(
+                100 * r / lim for r, lim in zip(chain_rates, limit, strict=True)
+            ),
+        },
+        "layout": "column-major wide layers" if column else "row-major",
         "tokens_per_s": {c: spread(v) for c, v in rates.items()},
         "percent_of_limit": {
             c: statistics.median(100 * r / lim for r, lim in zip(v, limit, strict=True))
+            for c, v in rates.items()
+            if not c.startswith("lean sliced")
+        },
+        "percent_of_matmuls_alone": {
+            c: statistics.median(100 * r / m for r, m in zip(v, chain_rates, strict=True))
             for c, v in rates.items()
             if not c.startswith("lean sliced")
         },
@@ -169,6 +254,16 @@ def main(argv=None) -> int:
         ),
     }
     result["percent_of_ideal"] = 100 * result["sliced_speedup"] / ideal
+    if column:
+        result["matmuls_alone_row_major"] = {
+            "tokens_per_s": spread(row_chain_rates),
+            "percent_of_limit": statistics.median(
+                100 * r / lim for r, lim in zip(row_chain_rates, limit, strict=True)
+            ),
+        }
+        result["column_over_row_major"] = statistics.median(
+            c / r for c, r in zip(rates["lean"], rates["lean row-major"], strict=True)
+        )
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -182,15 +277,36 @@ def main(argv=None) -> int:
         f"{args.new_tokens} new tokens, {result['threads']} threads, load average {load}; "
         f"median (min-max) of {args.rounds} rounds"
     )
-    print(f"GEMV {GEMV_ROWS}x{GEMV_COLUMNS} float32: {cell(result['gemv_gb_per_s'])} GB/s")
+    by_layout = result["gemv_gb_per_s_by_layout"]
+    print(
+        f"GEMV {GEMV_ROWS}x{GEMV_COLUMNS} float32: {cell(result['gemv_gb_per_s'])} GB/s, the "
+        f"faster layout of each round (row-major {cell(by_layout['row-major'])}, column-major "
+        f"{cell(by_layout['column-major'])})"
+    )
     print(
         f"weight bytes per decode step: dense {dense_bytes / 1e6:.1f} MB; bandwidth-limited "
         f"decode {cell(result['bandwidth_limited_tokens_per_s'])} tokens/s"
     )
+    alone = result["matmuls_alone"]
+    print(f"weights: {result['layout']}")
+    print(
+        f"  {'matmuls alone':<24} {cell(alone['tokens_per_s'])} passes/s  "
+        f"{alone['percent_of_limit']:.0f}% of the limit ({alone['matrices']} matrices, "
+        f"{alone['bytes'] / 1e6:.1f} MB, {cell(alone['gb_per_s'])} GB/s)"
+    )
+    if column:
+        row = result["matmuls_alone_row_major"]
+        print(
+            f"  {'matmuls alone row-major':<24} {cell(row['tokens_per_s'])} passes/s  "
+            f"{row['percent_of_limit']:.0f}% of the limit"
+        )
     for config in configs:
         line = f"  {config:<24} {cell(result['tokens_per_s'][config])} tokens/s"
         if config in result["percent_of_limit"]:
-            line += f"  {result['percent_of_limit'][config]:.0f}% of the limit"
+            line += (
+                f"  {result['percent_of_limit'][config]:.0f}% of the limit, "
+                f"{result['percent_of_matmuls_alone'][config]:.0f}% of the matmuls alone"
+            )
         print(line)
     print(
         f"sliced keep {args.keep:g} on layers {layers[0]}-{layers[-1]}: realized density "
@@ -198,6 +314,8 @@ def main(argv=None) -> int:
         f"ideal speedup {ideal:.2f}x, measured {result['sliced_speedup']:.2f}x over lean dense "
         f"= {result['percent_of_ideal']:.0f}% of ideal"
     )
+    if column:
+        print(f"lean over lean row-major: {result['column_over_row_major']:.2f}x")
     return 0
 
 

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "decode_speed.py"
 
@@ -32,8 +33,23 @@ def test_quick_json_run_reports_consistent_figures(model_dir, capsys):
     assert out["percent_of_ideal"] == pytest.approx(
         100 * out["sliced_speedup"] / out["ideal_speedup"]
     )
-    assert set(out["tokens_per_s"]) == {"hf", "lean", "lean sliced keep 0.4"}
-    assert set(out["percent_of_limit"]) == {"hf", "lean"}
+    # the folder loads as float32 on the CPU, so its wide layers are column-major and the
+    # row-major lean decoder runs beside it
+    assert out["layout"] == "column-major wide layers"
+    configs = {"hf", "lean", "lean row-major"}
+    assert set(out["tokens_per_s"]) == configs | {"lean sliced keep 0.4"}
+    assert set(out["percent_of_limit"]) == set(out["percent_of_matmuls_alone"]) == configs
+    alone = out["matmuls_alone"]
+    # every linear layer of the tiny Llama: 4 attention + 3 FFN per layer, and the lm_head
+    assert alone["matrices"] == 7 * model.config.num_hidden_layers + 1
+    assert alone["bytes"] == sum(
+        m.weight.numel() * 4 for m in model.modules() if isinstance(m, torch.nn.Linear)
+    )
+    assert out["column_over_row_major"] > 0
     for rate in out["tokens_per_s"].values():
         assert 0 < rate["min"] <= rate["median"] <= rate["max"]
     assert out["gemv_gb_per_s"]["median"] > 0 and out["rounds"] == 2
+    # the bandwidth of each round is the faster GEMV layout of that round
+    by_layout = out["gemv_gb_per_s_by_layout"]
+    assert out["gemv_gb_per_s"]["max"] == max(v["max"] for v in by_layout.values())
+    assert out["gemv_gb_per_s"]["min"] >= min(v["min"] for v in by_layout.values())
