@@ -61,9 +61,14 @@ def _gather_rows(weights: list[torch.Tensor], ids: torch.Tensor, spare: dict, ke
         if old is not None and old.dim() == 3 and old.transpose(1, 2).is_contiguous():
             spare[key] = old.transpose(1, 2)  # the buffer behind last batch's view
         out = _buffer(spare, key, (bsz, first.shape[1], rows), first)
+        # index_select along the rows into a reused contiguous scratch, then one copy into
+        # the strided slice: several times faster than selecting into the slice directly
+        scratch = _buffer(spare, f"{key}.scratch", (first.shape[1], width), first)
         for b in range(bsz):
             for j, w in enumerate(weights):
-                out[b, :, j * width : (j + 1) * width].copy_(w.t().index_select(1, ids[b]))
+                torch.index_select(w.t(), 1, ids[b], out=scratch)
+                out[b, :, j * width : (j + 1) * width].copy_(scratch)
+        spare[f"{key}.scratch"] = scratch
         return out.transpose(1, 2)
     out = _buffer(spare, key, (bsz, rows, first.shape[1]), first)
     for b in range(bsz):
@@ -81,11 +86,15 @@ def _gather_columns_t(
     reads every element with a stride of N."""
     bsz, width = ids.shape
     out = _buffer(spare, key, (bsz, width, weight.shape[0]), weight)
+    # a reused scratch: a fresh (D_out, K) result per sequence page-faults on every prefill
+    scratch = _buffer(spare, f"{key}.scratch", (weight.shape[0], width), weight)
     for b in range(bsz):
-        out[b].copy_(weight.index_select(1, ids[b]).t())
+        torch.index_select(weight, 1, ids[b], out=scratch)
+        out[b].copy_(scratch.t())
         n = int(kept[b])
         if n < width:
             out[b, n:].zero_()
+    spare[f"{key}.scratch"] = scratch
     return out
 
 
@@ -155,7 +164,7 @@ class SparseGatedMLP(nn.Module):
             "gate_up": _gather_rows([m.gate_proj.weight, m.up_proj.weight], ids, spare, "gate_up"),
             "down_t": _gather_columns_t(m.down_proj.weight, ids, kept, spare, "down_t"),
         }  # (B, 2K, D) and (B, K, D)
-        self._spare = dict(rt.sliced)
+        self._spare.update(rt.sliced)
         if m.gate_proj.bias is not None:
             rt.sliced["gate_up_bias"] = torch.cat([m.gate_proj.bias[ids], m.up_proj.bias[ids]], 1)
 
@@ -194,7 +203,7 @@ class SparseOPTFc1(nn.Module):
         rt, fc1 = self.runtime, self.inner
         ids, _ = _padded_ids(rt)
         rt.sliced["fc1"] = _gather_rows([fc1.weight], ids, self._spare, "fc1")  # (B, K, D)
-        self._spare = {"fc1": rt.sliced["fc1"]}
+        self._spare["fc1"] = rt.sliced["fc1"]
         if fc1.bias is not None:
             rt.sliced["fc1_bias"] = fc1.bias[ids]
 
@@ -237,4 +246,4 @@ class SparseOPTFc2(nn.Module):
         ids, _ = _padded_ids(rt)
         fc2_t = _gather_columns_t(fc2.weight, ids, rt.selection.kept, self._spare, "fc2_t")
         rt.sliced["fc2_t"] = fc2_t  # (B, K, D)
-        self._spare = {"fc2_t": fc2_t}
+        self._spare["fc2_t"] = fc2_t
