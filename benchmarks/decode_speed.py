@@ -34,7 +34,8 @@ and the sliced run's measured speedup over lean dense as a percentage of the ide
 speedup (dense bytes / sparse bytes, as ``autosparse bench`` reports it).
 
 Decode rate = (new tokens - 1) / the time from the first new token to the last (the
-first one is the prefill's), wall clock at torch's thread count (--threads to change
+first one is the prefill's), per row of a --batch-size batch (a decode step reads the
+weights once for the whole batch, so the limit is the same); wall clock at torch's thread count (--threads to change
 it). Rates are medians over --rounds rounds after one warm-up round, with their min-max;
 ratios (percent of the limit, speedup) are medians of per-round ratios, so the
 bandwidth and the rates they divide were measured in the same round. On a shared
@@ -128,6 +129,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="short run: 16 new tokens, 2 rounds")
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=48)
+    p.add_argument("--batch-size", type=int, default=1, help="rows decoded together")
     p.add_argument("--rounds", type=int, default=5, help="timed rounds (after 1 warm-up)")
     p.add_argument("--keep", type=float, default=0.4, help="CoreInfer keep ratio, sliced")
     p.add_argument("--gemv-repeats", type=int, default=32)
@@ -151,7 +153,7 @@ def main(argv=None) -> int:
     model, tokenizer = loaded.model, loaded.tokenizer
     vocab = min(int(model.config.vocab_size), len(tokenizer))
     ids = synthetic_prompt_ids(
-        vocab, 1, args.prompt_tokens, args.seed, list(tokenizer.all_special_ids)
+        vocab, args.batch_size, args.prompt_tokens, args.seed, list(tokenizer.all_special_ids)
     )
     pad = tokenizer.pad_token_id
     sliced = Method.coreinfer(args.keep, mode="sliced")
@@ -159,12 +161,16 @@ def main(argv=None) -> int:
     column = any(is_column_major(m.weight) for m in wide_linears(model))
     if column:
         configs.append("lean row-major")
-    configs.append(f"lean sliced keep {args.keep:g}")
+    sparse_config = f"lean sliced keep {args.keep:g}"
+    configs.append(sparse_config)
+    if column:
+        configs.append(f"{sparse_config} row-major")
 
     def run(config: str) -> float:
-        """One generation of the config; its decode rate in tokens/s."""
+        """One generation of the config; its decode rate in steps/s (tokens/s per row)."""
+        layout = "row" if config.endswith("row-major") else "column-wide" if column else "row"
         if config.startswith("lean sliced"):
-            with sliced.apply(model) as engine:
+            with weight_layout(model, layout), sliced.apply(model) as engine:
                 got = time_generation(model, ids, new_tokens=args.new_tokens, pad_token_id=pad)
                 densities.append(engine.layer_density())
                 layers[:] = engine.layers
@@ -180,11 +186,13 @@ def main(argv=None) -> int:
                 decoder="hf" if config == "hf" else "lean",
                 compile=config == "lean compiled",
             )
+        prefills[config].append(got.prefill)
         return (args.new_tokens - 1) / got.decode
 
     densities: list[list[float]] = []
     layers: list[int] = []
     rates: dict[str, list[float]] = {c: [] for c in configs}
+    prefills: dict[str, list[float]] = {c: [] for c in configs}
     bandwidth: list[float] = []
     gemv: dict[str, list[float]] = {"row-major": [], "column-major": []}
     chain, chain_bytes = linear_chain(model)
@@ -213,7 +221,6 @@ def main(argv=None) -> int:
     sparse_bytes = decode_step_bytes(model, dict(zip(layers, mean_density, strict=True)))
     ideal = dense_bytes / sparse_bytes
     limit = [bw * 1e9 / dense_bytes for bw in bandwidth]  # tokens/s per round
-    sparse_config = configs[-1]
     result = {
         "model": loaded.source,
         "threads": torch.get_num_threads(),
@@ -235,7 +242,9 @@ def main(argv=None) -> int:
             ),
         },
         "layout": "column-major wide layers" if column else "row-major",
+        "batch_size": args.batch_size,
         "tokens_per_s": {c: spread(v) for c, v in rates.items()},
+        "prefill_seconds": {c: spread(v) for c, v in prefills.items()},
         "percent_of_limit": {
             c: statistics.median(100 * r / lim for r, lim in zip(v, limit, strict=True))
             for c, v in rates.items()
@@ -264,6 +273,13 @@ def main(argv=None) -> int:
         result["column_over_row_major"] = statistics.median(
             c / r for c, r in zip(rates["lean"], rates["lean row-major"], strict=True)
         )
+        sparse_row = rates[f"{sparse_config} row-major"]
+        result["sliced_speedup_row_major"] = statistics.median(
+            s / d for s, d in zip(sparse_row, rates["lean row-major"], strict=True)
+        )
+        result["sliced_column_over_row_major"] = statistics.median(
+            c / r for c, r in zip(rates[sparse_config], sparse_row, strict=True)
+        )
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -273,7 +289,7 @@ def main(argv=None) -> int:
 
     load = ", ".join(f"{x:.2f}" for x in result["load_average"])
     print(
-        f"{result['model']}: float32, batch 1, {args.prompt_tokens}-token prompt, "
+        f"{result['model']}: float32, batch {args.batch_size}, {args.prompt_tokens}-token prompt, "
         f"{args.new_tokens} new tokens, {result['threads']} threads, load average {load}; "
         f"median (min-max) of {args.rounds} rounds"
     )
@@ -290,18 +306,21 @@ def main(argv=None) -> int:
     alone = result["matmuls_alone"]
     print(f"weights: {result['layout']}")
     print(
-        f"  {'matmuls alone':<24} {cell(alone['tokens_per_s'])} passes/s  "
+        f"  {'matmuls alone':<32} {cell(alone['tokens_per_s'])} passes/s  "
         f"{alone['percent_of_limit']:.0f}% of the limit ({alone['matrices']} matrices, "
         f"{alone['bytes'] / 1e6:.1f} MB, {cell(alone['gb_per_s'])} GB/s)"
     )
     if column:
         row = result["matmuls_alone_row_major"]
         print(
-            f"  {'matmuls alone row-major':<24} {cell(row['tokens_per_s'])} passes/s  "
+            f"  {'matmuls alone row-major':<32} {cell(row['tokens_per_s'])} passes/s  "
             f"{row['percent_of_limit']:.0f}% of the limit"
         )
     for config in configs:
-        line = f"  {config:<24} {cell(result['tokens_per_s'][config])} tokens/s"
+        line = (
+            f"  {config:<32} prefill {result['prefill_seconds'][config]['median']:6.3f} s  "
+            f"{cell(result['tokens_per_s'][config])} tokens/s"
+        )
         if config in result["percent_of_limit"]:
             line += (
                 f"  {result['percent_of_limit'][config]:.0f}% of the limit, "
@@ -315,7 +334,11 @@ def main(argv=None) -> int:
         f"= {result['percent_of_ideal']:.0f}% of ideal"
     )
     if column:
-        print(f"lean over lean row-major: {result['column_over_row_major']:.2f}x")
+        print(
+            f"column-major wide layers over row-major: lean {result['column_over_row_major']:.2f}x,"
+            f" sliced {result['sliced_column_over_row_major']:.2f}x (sliced over lean dense, "
+            f"row-major: {result['sliced_speedup_row_major']:.2f}x)"
+        )
     return 0
 
 

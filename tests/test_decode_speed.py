@@ -37,7 +37,8 @@ def test_quick_json_run_reports_consistent_figures(model_dir, capsys):
     # row-major lean decoder runs beside it
     assert out["layout"] == "column-major wide layers"
     configs = {"hf", "lean", "lean row-major"}
-    assert set(out["tokens_per_s"]) == configs | {"lean sliced keep 0.4"}
+    sliced = {"lean sliced keep 0.4", "lean sliced keep 0.4 row-major"}
+    assert set(out["tokens_per_s"]) == set(out["prefill_seconds"]) == configs | sliced
     assert set(out["percent_of_limit"]) == set(out["percent_of_matmuls_alone"]) == configs
     alone = out["matmuls_alone"]
     # every linear layer of the tiny Llama: 4 attention + 3 FFN per layer, and the lm_head
@@ -45,7 +46,8 @@ def test_quick_json_run_reports_consistent_figures(model_dir, capsys):
     assert alone["bytes"] == sum(
         m.weight.numel() * 4 for m in model.modules() if isinstance(m, torch.nn.Linear)
     )
-    assert out["column_over_row_major"] > 0
+    assert out["column_over_row_major"] > 0 and out["sliced_column_over_row_major"] > 0
+    assert out["batch_size"] == 1
     for rate in out["tokens_per_s"].values():
         assert 0 < rate["min"] <= rate["median"] <= rate["max"]
     assert out["gemv_gb_per_s"]["median"] > 0 and out["rounds"] == 2
