@@ -7,7 +7,9 @@
 The model has random weights and the shape of Llama-3.2-1B (hidden 2048, 8192 FFN
 neurons, 32 query / 8 key-value heads) with 8 layers (4 with --quick) and a 4096-token
 vocabulary, so the FFN dominates the weight bytes a decode token reads. float32 on
-CPU, batch 1. Every layer is sparse unless --layers says otherwise.
+CPU, batch 1. Every layer is sparse unless --layers says otherwise. The wide layers
+(gate/up, lm_head) are stored column-major, as ``load_model`` stores a float32 model on
+the CPU (``autosparse.layout``); --layout row keeps them row-major.
 
 Decode is timed with a manual greedy loop over the KV cache (one prefill call, then
 one forward call per new token), so prefill, weight gathering and patching never
@@ -48,6 +50,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E4
 from autosparse.adapters import adapter_for  # noqa: E402
 from autosparse.engine import SparseEngine  # noqa: E402
 from autosparse.engine.config import resolve_layers  # noqa: E402
+from autosparse.layout import LAYOUTS, column_major_wide  # noqa: E402
 
 TARGET_IDEAL_FRACTION = 0.85  # sliced decode at keep 0.4 vs the ideal speedup
 TARGET_PREFILL_OVERHEAD = 0.10  # selection's cost on prefill (masked engine vs dense)
@@ -70,7 +73,10 @@ def build_model(args) -> LlamaForCausalLM:
         bos_token_id=1,
         eos_token_id=2,
     )
-    return LlamaForCausalLM(cfg).to(torch.float32).eval()
+    model = LlamaForCausalLM(cfg).to(torch.float32).eval()
+    if args.layout == "column-wide":
+        column_major_wide(model)  # as load_model stores a float32 model on the CPU
+    return model
 
 
 def _bytes(t: torch.Tensor) -> int:
@@ -217,6 +223,13 @@ def parse_args(argv=None):
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument(
+        "--layout",
+        choices=LAYOUTS,
+        default="column-wide",
+        help="weights of the wide layers: column-major as load_model stores float32 on the "
+        "CPU (default), or row-major as checkpoints are",
+    )
     p.add_argument("--layers", default=None, help="sparse layer range START:STOP (default: all)")
     p.add_argument("--keeps", default="1.0,0.6,0.4,0.2", help="kept fractions for sliced")
     p.add_argument("--masked-keep", type=float, default=0.4)
