@@ -277,7 +277,7 @@ def baseline_text(spec: StudySpec) -> str:
     chosen by the study's selector."""
     if spec.selector == "griffin":
         return (
-            f"GRIFFIN keep {spec.baseline_keep:g} (the 'CoreInfer' columns compare with it; "
+            f"GRIFFIN keep {spec.baseline_keep:g} (the paired columns compare with it; "
             "every method of this study selects with GRIFFIN)"
         )
     return f"CoreInfer keep {spec.baseline_keep:g}, token ratio {spec.token_ratio:g}"

@@ -387,16 +387,23 @@ def _diff_cell(row: ReportRow) -> str:
     return "—" if row.is_baseline else interval_cell(row.diff)
 
 
-def _headers(metric: str, level: float = 0.95) -> list[str]:
+def baseline_name(rows: Sequence[ReportRow]) -> str:
+    """What the paired columns compare with: the uniform baseline's selector, CoreInfer's
+    votes unless a study selects with GRIFFIN's rule."""
+    base = next((r for r in rows if r.is_baseline), None)
+    return "GRIFFIN" if base is not None and base.selector == "griffin" else "CoreInfer"
+
+
+def _headers(metric: str, level: float = 0.95, baseline: str = "CoreInfer") -> list[str]:
     return [
         "setting",
         PARAMS_HEADER,
         KEPT_HEADER,
         DENSITY_HEADER,
         metric,
-        "% of CoreInfer",
+        f"% of {baseline}",
         "% of dense",
-        f"Δ vs CoreInfer [{level:.0%} CI]",
+        f"Δ vs {baseline} [{level:.0%} CI]",
         "verdict",
         "n",
         # beside n: what this many documents could detect, and how many would resolve
@@ -433,7 +440,6 @@ _RICH_BREAKS = {
     PARAMS_HEADER: "params\n[w_sum, w_count,\nthreshold, top_k]",
     KEPT_HEADER: "kept\n(CoreInfer\n'sparsity')",
     DENSITY_HEADER: "realized\ndensity",
-    "% of CoreInfer": "% of\nCoreInfer",
     "% of dense": "% of\ndense",
     DETECTABLE_HEADER: DETECTABLE_HEADER.replace(" ", "\n"),
     "verdict": "verdict\n(" + NEEDED_HEADER.replace(" to ", " to\n") + ")",
@@ -453,14 +459,17 @@ def rows_table(rows: Sequence[ReportRow], title: str, metric: str) -> Table:
     from rich.text import Text
 
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAVY, pad_edge=False)
-    headers = _headers(metric, _level_of(rows))
+    baseline = baseline_name(rows)
+    headers = _headers(metric, _level_of(rows), baseline)
     order = [h for h in headers if h not in (DETECTABLE_HEADER, NEEDED_HEADER)]
     order.insert(order.index("verdict"), DETECTABLE_HEADER)
     for h in order:
         # Headers break at chosen places. On a narrow terminal the text columns wrap at
         # spaces while numbers are never cut; the interval wraps after its mean.
-        header = Text(_RICH_BREAKS.get(h, h.replace("CoreInfer [", "CoreInfer\n[")))
-        interval = h.startswith("Δ vs CoreInfer")
+        pct = f"% of {baseline}"
+        breaks = {**_RICH_BREAKS, pct: pct.replace("of ", "of\n")}
+        header = Text(breaks.get(h, h.replace(f"{baseline} [", f"{baseline}\n[")))
+        interval = h.startswith(f"Δ vs {baseline}")
         table.add_column(
             header,
             justify="left" if h in _LEFT else "right",
@@ -613,7 +622,7 @@ def study_tables(summary: StudySummary) -> list[Any]:
         "kept (mean level)",
         "realized density",
         "value",
-        "Δ vs CoreInfer [95% CI]",
+        f"Δ vs {'GRIFFIN' if summary.selector == 'griffin' else 'CoreInfer'} [95% CI]",
         "detectable (80% power)",
         "docs to resolve",
         "samples",
@@ -653,7 +662,9 @@ def trial_line(r: Any, metric: str) -> str:
     gain = ""
     if r.vs_baseline:
         power = power_text(r.vs_baseline)
-        gain = f"  vs CoreInfer {_gain(r.vs_baseline)}" + (f" ({power})" if power else "")
+        gain = f"  vs {getattr(r, 'baseline', 'CoreInfer')} {_gain(r.vs_baseline)}" + (
+            f" ({power})" if power else ""
+        )
     value = "-" if r.value is None else f"{r.value:.4g}"
     best = "-" if r.best is None else f"{r.best:.4g} (#{r.best_number})"
     if _is_vector(p):
@@ -678,7 +689,7 @@ def _md_escape(text: str) -> str:
 
 
 def _md_table(rows: Sequence[ReportRow], metric: str) -> list[str]:
-    headers = _headers(metric, _level_of(rows))
+    headers = _headers(metric, _level_of(rows), baseline_name(rows))
     lines = [
         "| " + " | ".join(_md_escape(h) for h in headers) + " |",
         "|" + "|".join("---" if h in _LEFT else "---:" for h in headers) + "|",

@@ -273,6 +273,7 @@ class TrialReport:
     best: float | None
     best_number: int | None
     vs_baseline: Any = None  # PairedDiff.to_dict() or None
+    baseline: str = "CoreInfer"  # whose selection the uniform baseline runs
 
 
 @dataclass
@@ -585,6 +586,7 @@ class Tuner:
             best=None if best is None else best.value,
             best_number=None if best is None else best.number,
             vs_baseline=t.user_attrs.get("vs_coreinfer"),
+            baseline="GRIFFIN" if self.spec.selector == "griffin" else "CoreInfer",
         )
 
 

@@ -395,3 +395,33 @@ def test_study_table_and_trial_line_show_power_figures():
     )  # fmt: skip
     line = trial_line(report, "acc")
     assert f"detectable {detectable_cell(diff)}, {needed} docs to resolve" in line
+
+
+def test_columns_name_the_griffin_baseline_a_study_compares_with():
+    from autosparse.tuning import TrialReport
+
+    ids = list(range(6))
+    base = _res(Method.coreinfer(0.4, selector="griffin"), 0.4, [1.0, 0, 1, 0, 1, 0], ids=ids)
+    lv = _res(Method.levels([0.4, 0.4], selector="griffin"), 0.4, [1.0, 1, 1, 0, 1, 0], ids=ids)
+    rows = [
+        make_row("GRIFFIN keep=0.4", base, coreinfer=base),
+        make_row("levels #1", lv, coreinfer=base),
+    ]
+    report = Report("t", "m", "k", "acc", [ReportSection("Held-out", rows)])
+    md = to_markdown(report)
+    header = next(x for x in md.splitlines() if x.startswith("| setting |"))
+    assert "Δ vs GRIFFIN [95% CI]" in header and "% of GRIFFIN" in header
+    assert "CoreInfer [" not in header and "% of CoreInfer" not in header
+    table = rows_table(rows, "Held-out", "acc")
+    headers = [" ".join(c.header.plain.split()) for c in table.columns]
+    assert "Δ vs GRIFFIN [95% CI]" in headers and "% of GRIFFIN" in headers
+    assert headers.index(DETECTABLE_HEADER) == headers.index("Δ vs GRIFFIN [95% CI]") + 1
+    # a CoreInfer baseline keeps its names
+    core_md = to_markdown(_unclear_report()[0])
+    assert "Δ vs CoreInfer [95% CI]" in core_md and "% of CoreInfer" in core_md
+    line = trial_line(
+        TrialReport(1, {"w_sum": 0.5, "top_k": 25}, 0.4, None, 0.5, "COMPLETE", 0.5, 1,
+                    {"mean": 0.1, "low": -0.2, "high": 0.3, "n": 50}, baseline="GRIFFIN"),
+        "acc",
+    )  # fmt: skip
+    assert "vs GRIFFIN +0.1 [-0.2, +0.3]" in line and "CoreInfer" not in line
