@@ -55,6 +55,25 @@ def _study_storage(name: str, storage: str | None) -> str:
     return storage or default_storage(name, STUDIES_DIR)
 
 
+# the study attribute that remembers tune's --max-gen-toks
+GEN_CAP_ATTR = "max_gen_toks"
+
+
+def study_gen_cap(study, max_gen_toks: int | None) -> int | None:
+    """The generation cap of a study's evaluations: the one its trials ran with (recorded
+    when it was tuned with --max-gen-toks), unless the caller gives one. A resumed study
+    refuses a different cap, since its screen scores would mix two lengths."""
+    stored = study.user_attrs.get(GEN_CAP_ATTR)
+    if max_gen_toks is None:
+        return stored
+    if stored is not None and stored != max_gen_toks:
+        raise ConfigError(
+            f"study {study.study_name!r} was tuned with --max-gen-toks {stored}; "
+            f"resume it with the same cap (or none)"
+        )
+    return max_gen_toks
+
+
 def run_tune(
     spec: StudySpec,
     *,
@@ -109,6 +128,7 @@ def run_tune(
         existing = load_existing(optuna_storage, name)
         if existing is not None:
             check_spec(existing, spec)
+            max_gen_toks = study_gen_cap(existing, max_gen_toks)
     if loaded is None:
         say(f"loading {spec.model}")
         loaded = load_quietly(spec.model, device, dtype)
@@ -160,6 +180,8 @@ def run_tune(
         prompt_cache_gb=prompt_cache_gb,
     )
     evaluator = make_evaluator(spec.objective, loaded, options)
+    if max_gen_toks is not None and GEN_CAP_ATTR not in study.user_attrs:
+        study.set_user_attr(GEN_CAP_ATTR, max_gen_toks)
     if "calibration_ids" not in study.user_attrs:
         study.set_user_attr("calibration_ids", calibration_ids)
         study.set_user_attr("calibration_source", source)
@@ -284,6 +306,9 @@ def run_finalize(
     if study is None or SPEC_ATTR not in study.user_attrs:
         raise StorageError(f"no autosparse study {study_name!r} in {url}")
     spec = StudySpec.from_dict(study.user_attrs[SPEC_ATTR])
+    # held-out documents generate as many tokens as the screen did, unless told otherwise
+    if max_gen_toks is None:
+        max_gen_toks = study.user_attrs.get(GEN_CAP_ATTR)
     say = on_status or _ignore
     say(f"loading {spec.model}")
     loaded = load_quietly(spec.model, device, dtype)

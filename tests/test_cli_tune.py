@@ -276,3 +276,31 @@ def test_embedded_default_study_sizes(tmp_path):
     assert (spec.goal, spec.baseline_keep) == (0.5, 0.5)
     spec = study_spec(_tune_options(["--goal", "0.4"]))  # the embedded sizes, CoreInfer 0.4
     assert (spec.goal, spec.baseline_keep, spec.num_fewshot) == (0.4, 0.4, 6)
+
+
+def test_finalize_generates_as_many_tokens_as_the_screen(model_dir, tmp_path, monkeypatch):
+    import autosparse.workflow as workflow
+
+    name = "tiny-csqa-local-g0.4"
+    tune = [*TUNE[:6], "1", *TUNE[7:8], "4", *TUNE[9:], "--model", model_dir]  # 1 trial, 4 docs
+    result = run([*tune, "--max-gen-toks", "5"], tmp_path)
+    assert result.exit_code == 0, result.output
+    assert trials_of(tmp_path)  # the trial ran
+    before = trials_of(tmp_path)
+    other = run([*tune, "--max-gen-toks", "7"], tmp_path)  # a resume with another cap
+    assert other.exit_code == 1 and "Traceback" not in other.output
+    assert "was tuned with --max-gen-toks 5" in other.output.strip().splitlines()[0]
+    assert trials_of(tmp_path) == before
+
+    caps = []
+    original = workflow.study_options
+
+    def spy(spec, **kwargs):
+        caps.append(kwargs["max_gen_toks"])
+        return original(spec, **kwargs)
+
+    monkeypatch.setattr(workflow, "study_options", spy)
+    finalize = ["finalize", "--study", name, "--top-k", "1", "--limit", "4", "--device", "cpu"]
+    assert run(finalize, tmp_path).exit_code == 0
+    assert run([*finalize, "--max-gen-toks", "9"], tmp_path).exit_code == 0
+    assert caps == [5, 9]

@@ -401,6 +401,12 @@ def _trial_printer(console):
 )
 @device_options
 @batch_size_option(8, "Requests per model call.")
+@click.option(
+    "--max-gen-toks",
+    type=click.IntRange(1),
+    default=None,
+    help="Cap generated tokens per sample. Default: the cap the study was tuned with, else the task's.",
+)
 @mode_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def finalize_command(**opts):
@@ -432,6 +438,7 @@ def finalize_command(**opts):
         dtype=o["dtype"],
         mode=o["mode"],
         batch_size=o["batch_size"],
+        max_gen_toks=o["max_gen_toks"],
         on_status=_status_printer(console),
         progress=True,
     )
