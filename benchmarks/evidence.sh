@@ -8,7 +8,7 @@
 # evaluation is stored under DIR/studies/evidence.db, so a stopped run resumes where it
 # stopped and a finished stage costs nothing when run again). STAGE is one or more of
 #   csqa-task  csqa-kl  csqa-free  csqa-griffin  csqa-selectors  csqa-sweep  truthfulqa-kl
-#   truthfulqa-free  truthfulqa-griffin  truthfulqa-task  nq-probe
+#   truthfulqa-free  truthfulqa-griffin  truthfulqa-selectors  truthfulqa-task  nq-probe
 # (default: csqa-task csqa-kl). Needs `make qwen-0.5b` first. Each stage prints the
 # report that docs/results.md quotes; reports are also written to DIR/reports/.
 #
@@ -58,12 +58,13 @@ csqa_free=(--num-fewshot 6 --trials 51 --screen 60 --calibration 64)
 truthfulqa=(--num-fewshot 0 --trials 12 --screen 40 --calibration 64 --max-gen-toks 32)
 truthfulqa_free=(--num-fewshot 0 --trials 51 --screen 40 --calibration 64 --max-gen-toks 32)
 
-# GRIFFIN's rule at uniform keep 0.4 on the held-out documents of a task's studies, paired
-# with CoreInfer and with the free winner of study $2 there (both read from the store)
+# GRIFFIN's rule at uniform keep 0.4 on the held-out documents of study $2, paired with
+# CoreInfer and with that study's winner (both read from the store when finalize ran them);
+# $3 names the winner in the report
 griffin_held_out() {
-    local task=$1 free=$2
-    "$(dirname "$autosparse")/python" - "$storage" "$free" \
-        "$held_out" <<'PY' | tee "reports/$model-$task-griffin-held-out.txt"
+    local task=$1 study=$2 label=$3
+    "$(dirname "$autosparse")/python" - "$storage" "$study" \
+        "$held_out" "$label" <<'PY' | tee "reports/$study-griffin-held-out.txt"
 import sys
 
 from autosparse import workflow
@@ -74,7 +75,7 @@ from autosparse.store import ResultStore
 from autosparse.tasks.evaluator import TaskEvaluator
 from autosparse.tuning import SPEC_ATTR, StudySpec, load_existing, open_storage
 
-url, name, limit = sys.argv[1], sys.argv[2], int(sys.argv[3])
+url, name, limit, winner = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 study = load_existing(open_storage(url, heartbeat=None), name)
 spec = StudySpec.from_dict(study.user_attrs[SPEC_ATTR])
 loaded = workflow.load_quietly(spec.model, "auto", "auto")
@@ -90,12 +91,12 @@ with ResultStore(url) as store:
         "CoreInfer keep=0.4": Method.coreinfer(0.4, spec.token_ratio, **uniform),
         "GRIFFIN keep=0.4": Method.coreinfer(0.4, spec.token_ratio, selector="griffin",
                                              **uniform),
-        "free winner": candidates(study, spec, top_k=1, select="mean")[0].method,
+        winner: candidates(study, spec, top_k=1, select="mean")[0].method,
     }
     results = {label: evaluator.run(m, ids) for label, m in methods.items()}
 for label, r in results.items():
     print(f"{label}: {spec.task} score {r.score:.4f} on {len(r.sample_ids)} documents")
-for a, b in [("GRIFFIN keep=0.4", "CoreInfer keep=0.4"), ("free winner", "GRIFFIN keep=0.4")]:
+for a, b in [("GRIFFIN keep=0.4", "CoreInfer keep=0.4"), (winner, "GRIFFIN keep=0.4")]:
     ra, rb = results[a], results[b]
     d = paired_difference(ra.sample_ids, ra.sample_scores, rb.sample_ids, rb.sample_scores)
     print(f"{a} - {b}: {d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}], "
@@ -108,10 +109,12 @@ for stage in "${stages[@]}"; do
     csqa-task) study csqa-local task "$model-csqa-local-g0.4" 2 "${csqa[@]}" ;;
     csqa-kl) study csqa-local kl "$model-csqa-local-g0.4-kl" 2 "${csqa_kl[@]}" ;;
     csqa-free) study csqa-local kl "$model-csqa-local-g0.4-free-kl" 1 "${csqa_free[@]}" --space free --grid 0.05 --max-moves 6 ;;
-    truthfulqa-kl) study truthfulqa-local kl "$model-truthfulqa-local-g0.4-kl" 2 "${truthfulqa[@]}" ;;
+    # TruthfulQA finalizes the best trial and the AVG only: a method costs 15-30 minutes
+    # on 300 documents here
+    truthfulqa-kl) study truthfulqa-local kl "$model-truthfulqa-local-g0.4-kl" 1 "${truthfulqa[@]}" ;;
     truthfulqa-free) study truthfulqa-local kl "$model-truthfulqa-local-g0.4-free-kl" 1 "${truthfulqa_free[@]}" \
         --space free --grid 0.05 --max-moves 6 ;;
-    truthfulqa-task) study truthfulqa-local task "$model-truthfulqa-local-g0.4-task" 2 "${truthfulqa[@]}" ;;
+    truthfulqa-task) study truthfulqa-local task "$model-truthfulqa-local-g0.4-task" 1 "${truthfulqa[@]}" ;;
     csqa-sweep)
         run sweep --model "$model" --task csqa-local --goals 0.3,0.4,0.5 --storage "$storage" --top-k 2 \
             --limit "$held_out" "${csqa[@]}" | tee "reports/$model-csqa-local-sweep.txt"
@@ -137,8 +140,10 @@ print(f"GRIFFIN {a['score']:.4f}  CoreInfer {b['score']:.4f}  n {d.n}")
 print(f"GRIFFIN - CoreInfer {d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}], detectable {d.detectable():.4f}")
 PY
         ;;
-    csqa-griffin) griffin_held_out csqa-local "$model-csqa-local-g0.4-free-kl" ;;
-    truthfulqa-griffin) griffin_held_out truthfulqa-local "$model-truthfulqa-local-g0.4-free-kl" ;;
+    csqa-griffin) griffin_held_out csqa-local "$model-csqa-local-g0.4-free-kl" "free winner" ;;
+    truthfulqa-griffin) griffin_held_out truthfulqa-local "$model-truthfulqa-local-g0.4-free-kl" "free winner" ;;
+    # the same on the formula kl study's held-out documents (no free study needed)
+    truthfulqa-selectors) griffin_held_out truthfulqa-local "$model-truthfulqa-local-g0.4-kl" "kl winner" ;;
     nq-probe)
         # is dense above the floor at all? (exact match of NQ-open answers)
         run eval --model "$model" --task nq-local --method dense --num-fewshot 6 \
