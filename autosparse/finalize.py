@@ -182,6 +182,7 @@ def finalize(
             "seed": spec.seed,
             "layers": spec.layers or "default",
             "space": spec.space,
+            **_gen_cap(evaluator),
             **gap,
         },
         notes=[
@@ -192,6 +193,12 @@ def finalize(
 
 
 GAP_KEY = "screen-to-held-out gap"
+
+
+def _gen_cap(evaluator) -> dict[str, int]:
+    """The cap on generated tokens, when the evaluation had one (generation tasks)."""
+    cap = getattr(getattr(evaluator, "options", None), "max_gen_toks", None)
+    return {} if cap is None else {"max new tokens": cap}
 
 
 def winner_gap(

@@ -304,3 +304,5 @@ def test_finalize_generates_as_many_tokens_as_the_screen(model_dir, tmp_path, mo
     assert run(finalize, tmp_path).exit_code == 0
     assert run([*finalize, "--max-gen-toks", "9"], tmp_path).exit_code == 0
     assert caps == [5, 9]
+    report = json.loads((tmp_path / "studies" / name / "report.json").read_text())
+    assert report["meta"]["max new tokens"] == 9
