@@ -13,9 +13,10 @@
 # report that docs/results.md quotes; reports are also written to DIR/reports/.
 #
 # Costs measured on this project's 2-core CPU machine (masked mode, batch 8, float32):
-# csqa-local with 6 shots about 1.2 s per document and method; truthfulqa-local about
-# 2.4 s per document on a quiet machine (the prompt carries a long fixed primer and 32
-# tokens are generated; 5-12 s with the machine loaded); nq-local 1.3 s.
+# csqa-local with 6 shots about 1.2 s per document and method; truthfulqa-local with 32
+# new tokens 2.4 s (dense) to 2.8 s (CoreInfer) per document (the prompt carries a long
+# fixed primer; without the cap a document generates until a blank line, at most 256
+# tokens, and costs 6-10 s); nq-local 1.3 s.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
