@@ -275,7 +275,9 @@ def _screen_section(study, spec: StudySpec, chosen: Sequence[Candidate]):
             make_row(c.label, result, coreinfer=core, dense=dense, params=c.params, seed=spec.seed)
         )
     return ReportSection(
-        f"Screen ({len(attrs.get('screen_ids', []))} documents, {_objective_label(spec)})", rows
+        f"Screen ({len(attrs.get('screen_ids', []))} documents, {_objective_label(spec)})",
+        rows,
+        metric=_objective_metric(spec),
     )
 
 
@@ -288,6 +290,15 @@ def baseline_text(spec: StudySpec) -> str:
             "every method of this study selects with GRIFFIN)"
         )
     return f"CoreInfer keep {spec.baseline_keep:g}, token ratio {spec.token_ratio:g}"
+
+
+def _objective_metric(spec: StudySpec) -> str:
+    """The name of a study's objective values when they are not the task metric."""
+    if spec.objective == "task":
+        return ""
+    from autosparse.fidelity.evaluator import METRICS
+
+    return METRICS.get(spec.objective, spec.objective)
 
 
 def _objective_label(spec: StudySpec) -> str:

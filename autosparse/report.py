@@ -125,6 +125,9 @@ class ReportSection:
     title: str
     rows: list[ReportRow] = field(default_factory=list)
     note: str = ""
+    # the metric of this section's values when it is not the report's (a fidelity
+    # study's screen section holds its objective, e.g. neg_kl)
+    metric: str = ""
 
 
 @dataclass
@@ -493,7 +496,7 @@ def rows_table(rows: Sequence[ReportRow], title: str, metric: str) -> Table:
 
 def report_tables(report: Report) -> list[Table]:
     """One rich table per section."""
-    return [rows_table(s.rows, s.title, report.metric) for s in report.sections]
+    return [rows_table(s.rows, s.title, s.metric or report.metric) for s in report.sections]
 
 
 _BLOCKS = " ▏▎▍▌▋▊▉█"
@@ -709,7 +712,7 @@ def to_markdown(report: Report) -> str:
         out += [f"## {section.title}", ""]
         if section.note:
             out += [section.note, ""]
-        out += _md_table(section.rows, report.metric)
+        out += _md_table(section.rows, section.metric or report.metric)
         out.append("")
     out += [LEGEND, ""]
     if report.notes:
@@ -728,7 +731,12 @@ def to_json(report: Report) -> dict[str, Any]:
         "meta": json.loads(json.dumps(report.meta, default=str)),
         "notes": list(report.notes),
         "sections": [
-            {"title": s.title, "note": s.note, "rows": [r.to_dict() for r in s.rows]}
+            {
+                "title": s.title,
+                "note": s.note,
+                "metric": s.metric,
+                "rows": [r.to_dict() for r in s.rows],
+            }
             for s in report.sections
         ],
     }
@@ -747,6 +755,7 @@ def from_json(d: Mapping[str, Any]) -> Report:
             ReportSection(
                 title=s["title"],
                 note=s.get("note", ""),
+                metric=s.get("metric", ""),
                 rows=[ReportRow.from_dict(r) for r in s.get("rows", [])],
             )
             for s in d.get("sections", [])

@@ -101,8 +101,13 @@ def test_free_finalize_reports_the_gap(tuned):
     )
     labels = [r["label"] for r in report["sections"][0]["rows"]]
     assert meta["winner"].startswith(labels[2]) and labels[2].startswith("trial #")
+    # the held-out table is in the task metric, the screen's in the objective's
+    assert report["sections"][0]["metric"] == "" and report["metric"] == "acc"
+    assert report["sections"][1]["metric"] == "neg_kl"
     md = (cwd / "studies" / NAME / "report.md").read_text()
     assert "levels " in md and "screen-to-held-out gap" in md
+    screen_table = md.split("## Screen")[1]
+    assert "| neg_kl |" in screen_table and "| acc |" not in screen_table
 
 
 def test_the_other_space_is_refused(tuned, model_dir):
