@@ -226,7 +226,21 @@ def winner_gap(
         facts["winner gain over CoreInfer held out"] = _rounded(
             held_out.score - core_held_out.score
         )
+        from autosparse.stats import paired_difference
+
+        d = paired_difference(
+            held_out.sample_ids,
+            held_out.sample_scores,
+            core_held_out.sample_ids,
+            core_held_out.sample_scores,
+            seed=spec.seed,
+        )
+        facts[HELD_GAIN_INTERVAL] = [_rounded(d.low), _rounded(d.high)]
     return facts
+
+
+# the paired 95% bootstrap interval of the winner's held-out gain over CoreInfer
+HELD_GAIN_INTERVAL = "winner gain over CoreInfer held out, 95% interval"
 
 
 def _rounded(x: float) -> float:

@@ -96,6 +96,9 @@ def test_free_finalize_reports_the_gap(tuned):
     meta = report["meta"]
     assert meta["space"] == "free" and "objective kl" in meta["winner"]
     assert "winner gain over CoreInfer held out" in meta
+    low, high = meta["winner gain over CoreInfer held out, 95% interval"]
+    assert low <= meta["winner gain over CoreInfer held out"] <= high
+    assert f"[{low:+.4g}, {high:+.4g}]" in result.output
     assert meta["screen-to-held-out gap"] == pytest.approx(
         meta["winner held out"] - meta["winner on the screen"], abs=1e-5
     )
