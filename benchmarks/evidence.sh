@@ -9,7 +9,8 @@
 # stopped and a finished stage costs nothing when run again). STAGE is one or more of
 #   csqa-task  csqa-kl  csqa-free  csqa-griffin  csqa-selectors  csqa-sweep  truthfulqa-kl
 #   truthfulqa-free  truthfulqa-griffin  truthfulqa-selectors  truthfulqa-task  nq-probe
-# (default: csqa-task csqa-kl). Needs `make qwen-0.5b` first. Each stage prints the
+# (default: csqa-task csqa-kl). Needs `make qwen-0.5b` first (MODEL=qwen2.5-1.5b runs the
+# same stages on the bigger model, after `make qwen-1.5b`). Each stage prints the
 # report that docs/results.md quotes; reports are also written to DIR/reports/.
 #
 # Costs measured on this project's 2-core CPU machine (masked mode, batch 8, float32):
@@ -29,7 +30,7 @@ stages=("$@")
 mkdir -p "$dir/reports"
 cd "$dir"
 storage="sqlite:///studies/evidence.db"
-model="qwen2.5-0.5b"
+model="${MODEL:-qwen2.5-0.5b}"
 held_out=300
 
 run() {
