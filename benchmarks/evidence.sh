@@ -82,8 +82,9 @@ study = load_existing(open_storage(url, heartbeat=None), name)
 spec = StudySpec.from_dict(study.user_attrs[SPEC_ATTR])
 loaded = workflow.load_quietly(spec.model, "auto", "auto")
 with ResultStore(url) as store:
-    options = workflow.study_options(spec, batch_size=8, max_gen_toks=None, store=store,
-                                     progress=False)
+    # the study's own cap on new tokens, as finalize uses it (and so finds its results)
+    options = workflow.study_options(spec, batch_size=8, store=store, progress=False,
+                                     max_gen_toks=study.user_attrs.get(workflow.GEN_CAP_ATTR))
     evaluator = TaskEvaluator(loaded, options)
     attrs = study.user_attrs
     ids = held_out_ids(evaluator.document_ids(), calibration=attrs.get("calibration_ids", ()),
