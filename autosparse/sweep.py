@@ -447,6 +447,7 @@ def run_sweep(
     say(f"loading {spec.model}")
     loaded = workflow.load_quietly(spec.model, device, dtype)
     tuned: dict[float, tuple[str, str]] = {}
+    caps: dict[float, int | None] = {}  # each study's cap on new tokens
     for g, goal_spec in zip(goals, specs, strict=True):
         study_name = default_study_name(
             spec.model, spec.task, g, None, selector=spec.selector, space=spec.space
@@ -473,6 +474,12 @@ def run_sweep(
             **({} if heartbeat is None else {"heartbeat": heartbeat}),
         )
         tuned[g] = (outcome.study_name, outcome.storage)
+        caps[g] = outcome.max_gen_toks
+    if len(set(caps.values())) > 1:
+        listed = ", ".join(f"goal {g:g}: {c or 'task default'}" for g, c in caps.items())
+        raise ConfigError(f"the studies were tuned with different --max-gen-toks ({listed})")
+    # held out, generate as many tokens as the screens did
+    max_gen_toks = caps[goals[0]]
 
     out_dir = root / name
     out_dir.mkdir(parents=True, exist_ok=True)

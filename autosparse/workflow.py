@@ -49,6 +49,8 @@ class TuneOutcome:
     storage: str
     ran: int
     summary: str
+    # the cap on new tokens the study's trials run with (None: the task's default)
+    max_gen_toks: int | None = None
 
 
 def _study_storage(name: str, storage: str | None) -> str:
@@ -223,7 +225,7 @@ def run_tune(
         + f"\ndashboard: optuna-dashboard {url}"
     )
     store.close()
-    return TuneOutcome(name, url, ran, summary)
+    return TuneOutcome(name, url, ran, summary, max_gen_toks)
 
 
 def study_options(

@@ -376,3 +376,38 @@ def test_studies_that_hold_out_different_documents_are_refused(swept):
         study.set_user_attr("calibration_ids", calibration)
     assert result.exit_code == 1
     assert "hold out different documents" in result.output and "Traceback" not in result.output
+
+
+@needs_data
+def test_held_out_generates_with_the_studies_cap(swept, monkeypatch):
+    import optuna
+
+    import autosparse.sweep as sweep
+
+    cwd, model, _ = swept
+    studies = {}
+    for goal in ("0.3", "0.4"):
+        db = cwd / "studies" / f"tiny-csqa-local-g{goal}.db"
+        studies[goal] = optuna.load_study(study_name=db.stem, storage=f"sqlite:///{db}")
+    caps = []
+    original = sweep.make_evaluator
+
+    def spy(*args, **kwargs):
+        caps.append(kwargs["max_gen_toks"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(sweep, "make_evaluator", spy)
+    try:
+        for study in studies.values():  # as if both were tuned with --max-gen-toks 5
+            study.set_user_attr("max_gen_toks", 5)
+        result = run([*SWEEP, "--model", model], cwd)
+        assert result.exit_code == 0, result.output
+        assert caps == [5]
+        studies["0.4"].set_user_attr("max_gen_toks", 7)
+        mixed = run([*SWEEP, "--model", model], cwd)
+        assert mixed.exit_code == 1 and "Traceback" not in mixed.output
+        assert "tuned with different --max-gen-toks (goal 0.3: 5, goal 0.4: 7)" in mixed.output
+        assert caps == [5]  # refused before any held-out evaluation
+    finally:  # back to no recorded cap (what the other tests tuned with)
+        for study in studies.values():
+            study.set_user_attr("max_gen_toks", None)
