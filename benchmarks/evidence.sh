@@ -8,8 +8,8 @@
 # evaluation is stored under DIR/studies/evidence.db, so a stopped run resumes where it
 # stopped and a finished stage costs nothing when run again). STAGE is one or more of
 #   csqa-task  csqa-kl  csqa-free  csqa-griffin  csqa-selectors  csqa-sweep  truthfulqa-kl
-#   truthfulqa-free  truthfulqa-griffin  truthfulqa-selectors  truthfulqa-griffin-kl
-#   truthfulqa-task  nq-probe
+#   truthfulqa-free  truthfulqa-griffin  truthfulqa-free-griffin  truthfulqa-selectors
+#   truthfulqa-abstentions  truthfulqa-task  nq-probe
 # (default: csqa-task csqa-kl). Needs `make qwen-0.5b` first (MODEL=qwen2.5-1.5b runs the
 # same stages on the bigger model, after `make qwen-1.5b`). Each stage prints the
 # report that docs/results.md quotes; reports are also written to DIR/reports/.
@@ -108,6 +108,13 @@ for a, b in [("GRIFFIN keep=0.4", "CoreInfer keep=0.4"), (winner, "GRIFFIN keep=
 PY
 }
 
+# every truthfulqa-local evaluation of $held_out documents in the store, paired two by two,
+# with how much of each comparison is "I have no comment." (scored well on every question)
+abstentions() {
+    "$(dirname "$autosparse")/python" "$here/benchmarks/abstentions.py" --storage "$storage" \
+        --n "$held_out" | tee "reports/$model-truthfulqa-local-abstentions.txt"
+}
+
 for stage in "${stages[@]}"; do
     case "$stage" in
     csqa-task) study csqa-local task "$model-csqa-local-g0.4" 2 "${csqa[@]}" ;;
@@ -118,10 +125,10 @@ for stage in "${stages[@]}"; do
     truthfulqa-kl) study truthfulqa-local kl "$model-truthfulqa-local-g0.4-kl" 1 "${truthfulqa[@]}" ;;
     truthfulqa-free) study truthfulqa-local kl "$model-truthfulqa-local-g0.4-free-kl" 1 "${truthfulqa_free[@]}" \
         --space free --grid 0.05 --max-moves 6 ;;
-    # the formula's levels with GRIFFIN's rule choosing the neurons; its finalize pairs the
-    # winner with GRIFFIN uniform (the study's own baseline) instead of CoreInfer
-    truthfulqa-griffin-kl) study truthfulqa-local kl "$model-truthfulqa-local-g0.4-griffin-kl" 1 "${truthfulqa[@]}" \
-        --selector griffin ;;
+    # the free space with GRIFFIN's rule choosing the neurons; its finalize pairs the winner
+    # with GRIFFIN uniform (the study's own baseline) instead of CoreInfer
+    truthfulqa-free-griffin) study truthfulqa-local kl "$model-truthfulqa-local-g0.4-free-griffin-kl" 1 \
+        "${truthfulqa_free[@]}" --space free --grid 0.05 --max-moves 6 --selector griffin ;;
     truthfulqa-task) study truthfulqa-local task "$model-truthfulqa-local-g0.4-task" 1 "${truthfulqa[@]}" ;;
     csqa-sweep)
         run sweep --model "$model" --task csqa-local --goals 0.3,0.4,0.5 --storage "$storage" --top-k 2 \
@@ -153,10 +160,9 @@ PY
     # the same on the formula kl study's held-out documents (no free study needed)
     truthfulqa-selectors)
         griffin_held_out truthfulqa-local "$model-truthfulqa-local-g0.4-kl" "kl winner"
-        # how much of each comparison is "I have no comment." (scored well on every question)
-        "$(dirname "$autosparse")/python" "$here/benchmarks/abstentions.py" --storage "$storage" \
-            --n "$held_out" | tee "reports/$model-truthfulqa-local-abstentions.txt"
+        abstentions
         ;;
+    truthfulqa-abstentions) abstentions ;;
     nq-probe)
         # is dense above the floor at all? (exact match of NQ-open answers)
         run eval --model "$model" --task nq-local --method dense --num-fewshot 6 \
