@@ -22,6 +22,12 @@ _MAX_CELLS = 4_000_000
 #: Power at which the detectable difference and the documents to resolve are reported.
 POWER = 0.8
 
+#: Two scores of one document closer than this, relative to the larger, are the same score:
+#: scores computed in float32 by two paths that add in another order (a levels vector of
+#: 0.4 everywhere and CoreInfer keep 0.4, say) differ by a few units of float32 rounding
+#: (about 1e-7 relative), never by a difference a setting makes.
+SAME_SCORE_RTOL = 1e-5
+
 
 class SampleMismatchError(ConfigError, ValueError):
     """Two evaluations were compared on different sets of sample ids."""
@@ -186,7 +192,8 @@ def paired_difference(
     ValueError) names the ids that differ. With ``allow_subset=True`` the comparison uses
     the ids both sides share (at least one). Order of ids does not matter; duplicate ids
     or non-finite scores raise ValueError. The result is a deterministic function of the
-    inputs and ``seed``. When every difference is equal, the interval has zero width.
+    inputs and ``seed``. Two scores of a document within ``SAME_SCORE_RTOL`` of each other
+    (relative) count as equal. When every difference is equal, the interval has zero width.
     The result carries the standard deviation of the differences (None for one pair).
     """
     if n_boot < 1:
@@ -215,6 +222,8 @@ def paired_difference(
     import numpy as np
 
     d = np.array([a[i] - b[i] for i in common], dtype=np.float64)
+    scale = np.array([max(abs(a[i]), abs(b[i])) for i in common], dtype=np.float64)
+    d[np.abs(d) <= SAME_SCORE_RTOL * scale] = 0.0  # rounding noise, not a difference
     n = d.size
     if np.all(d == d[0]):
         # Every resample has the same mean: report it exactly rather than with rounding noise.

@@ -26,6 +26,20 @@ def test_identical_scores_give_zero_with_zero_width():
     assert not d.excludes_zero
 
 
+def test_float32_rounding_noise_is_no_difference():
+    # the same scores computed by two float32 paths that add in another order
+    ids = list(range(40))
+    b = np.random.default_rng(3).uniform(0.5, 1.0, size=40).astype(np.float32)
+    a = b * np.float32(1 + 2**-22)  # a few units in the last place
+    assert np.any(a != b)
+    d = paired_difference(ids, a.tolist(), ids, b.tolist())
+    assert d == PairedDiff(mean=0.0, low=0.0, high=0.0, n=40, level=0.95)
+    assert d.detectable() is None and d.needed() is None
+    # a real difference of one part in ten thousand is still one
+    d = paired_difference(ids, (b.astype(np.float64) * 1.0001).tolist(), ids, b.tolist())
+    assert d.mean > 0 and d.excludes_zero
+
+
 def test_constant_shift_is_that_shift():
     ids = list(range(30))
     b = np.random.default_rng(1).normal(size=30)
