@@ -9,7 +9,7 @@
 # stopped and a finished stage costs nothing when run again). STAGE is one or more of
 #   csqa-task  csqa-kl  csqa-free  csqa-griffin  csqa-selectors  csqa-sweep  truthfulqa-kl
 #   truthfulqa-free  truthfulqa-griffin  truthfulqa-free-griffin  truthfulqa-selectors
-#   truthfulqa-abstentions  truthfulqa-task  nq-probe
+#   truthfulqa-abstentions  truthfulqa-task  truthfulqa-sweep  nq-probe
 # (default: csqa-task csqa-kl). Needs `make qwen-0.5b` first (MODEL=qwen2.5-1.5b runs the
 # same stages on the bigger model, after `make qwen-1.5b`). Each stage prints the
 # report that docs/results.md quotes; reports are also written to DIR/reports/.
@@ -39,8 +39,8 @@ run() {
     "$autosparse" "$@"
 }
 
-# tune a study (created or resumed; the task-objective study of csqa-local keeps the
-# default name, so that csqa-sweep reuses it as its goal-0.4 study), then finalize it on the held-out documents;
+# tune a study (created or resumed; the task-objective studies keep the default name, so
+# that the sweeps reuse them as their goal-0.4 studies), then finalize it on the held-out documents;
 # every study shares one database, so dense and CoreInfer run once per task and sample.
 study() {
     local task=$1 objective=$2 name=$3 top_k=$4
@@ -129,7 +129,12 @@ for stage in "${stages[@]}"; do
     # with GRIFFIN uniform (the study's own baseline) instead of CoreInfer
     truthfulqa-free-griffin) study truthfulqa-local kl "$model-truthfulqa-local-g0.4-free-griffin-kl" 1 \
         "${truthfulqa_free[@]}" --space free --grid 0.05 --max-moves 6 --selector griffin ;;
-    truthfulqa-task) study truthfulqa-local task "$model-truthfulqa-local-g0.4-task" 1 "${truthfulqa[@]}" ;;
+    truthfulqa-task) study truthfulqa-local task "$model-truthfulqa-local-g0.4" 1 "${truthfulqa[@]}" ;;
+    truthfulqa-sweep)
+        # goals 0.3 and 0.5 beside truthfulqa-task's 0.4; the best trial per goal (top-k 1)
+        run sweep --model "$model" --task truthfulqa-local --goals 0.3,0.4,0.5 --storage "$storage" \
+            --top-k 1 --limit "$held_out" "${truthfulqa[@]}" | tee "reports/$model-truthfulqa-local-sweep.txt"
+        ;;
     csqa-sweep)
         run sweep --model "$model" --task csqa-local --goals 0.3,0.4,0.5 --storage "$storage" --top-k 2 \
             --limit "$held_out" "${csqa[@]}" | tee "reports/$model-csqa-local-sweep.txt"
