@@ -134,7 +134,8 @@ def finalize(
     core_method = Method.coreinfer(
         spec.baseline_keep, spec.token_ratio, layers=spec.layers, mode=mode, selector=spec.selector
     )
-    say(f"{uniform_label(spec.baseline_keep, spec.selector)} on {len(ids)} documents")
+    baseline_label = uniform_label(spec.baseline_keep, spec.selector)
+    say(f"{baseline_label} on {len(ids)} documents")
     core = evaluator.run(core_method, ids)
     say(f"dense on {len(ids)} documents")
     dense = evaluator.run(Method.dense(), ids)
@@ -151,7 +152,9 @@ def finalize(
     if spec.objective == "task":
         winner_held_out, core_held_out = held_out[winner.label], core
     elif objective_evaluator is not None:
-        say(f"{winner.label} and CoreInfer on {len(ids)} documents, objective {spec.objective}")
+        say(
+            f"{winner.label} and {baseline_label} on {len(ids)} documents, objective {spec.objective}"
+        )
         winner_held_out = objective_evaluator.run(winner.method, ids)
         core_held_out = objective_evaluator.run(core_method, ids)
     else:
