@@ -24,7 +24,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from autosparse.levels_workflow import plot_level_vectors
-    from autosparse.methods import uniform_label
     from autosparse.tuning import SPEC_ATTR, StudySpec, finished_trials, load_existing, open_storage
 
     labels = dict(item.split("=", 1) for item in args.label)
@@ -55,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out,
         series,
         uniform=baseline.baseline_keep,
-        uniform_label=uniform_label(baseline.baseline_keep, baseline.selector),
+        uniform_label="uniform keep",
         title=args.title,
     )
     print(f"wrote {args.out}")
