@@ -287,7 +287,8 @@ def gap_line(meta: Mapping[str, Any]) -> str:
     screen_gain = meta.get("winner gain over CoreInfer on the screen")
     held_gain = meta.get("winner gain over CoreInfer held out")
     if screen_gain is not None and held_gain is not None:
-        line += f"; gain over CoreInfer: screen {screen_gain:+.4g}, held out {held_gain:+.4g}"
+        baseline = meta.get("winner gain baseline", "CoreInfer")
+        line += f"; gain over {baseline}: screen {screen_gain:+.4g}, held out {held_gain:+.4g}"
         interval = meta.get("winner gain over CoreInfer held out, 95% interval")
         if interval:
             line += f" [{interval[0]:+.4g}, {interval[1]:+.4g}]"

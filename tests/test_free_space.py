@@ -311,10 +311,29 @@ def test_free_finalize_averages_vectors_and_reports_the_gap(tmp_path):
     assert meta["winner gain over CoreInfer held out"] == pytest.approx(
         held_out.rows[2].value - held_out.rows[0].value, abs=1e-5
     )
-    assert "gain over CoreInfer: screen +" in gap_line(meta)
+    assert meta["winner gain baseline"].startswith("CoreInfer keep=")
+    assert f"gain over {meta['winner gain baseline']}: screen +" in gap_line(meta)
     assert to_json(report)["meta"][GAP_KEY] == meta[GAP_KEY]
     assert GAP_KEY in to_markdown(report) and "levels 10-15: " in to_markdown(report)
     assert "screen-to-held-out gap" in gap_line(meta)
+
+
+def test_gap_line_names_the_studys_baseline():
+    from autosparse.finalize import GAP_KEY
+    from autosparse.report import gap_line
+
+    meta = {
+        GAP_KEY: 0.05,
+        "winner": "trial #3 (objective kl)",
+        "winner on the screen": -0.31,
+        "winner held out": -0.26,
+        "winner gain over CoreInfer on the screen": 0.034,
+        "winner gain over CoreInfer held out": 0.019,
+    }
+    # reports written before the baseline was named: CoreInfer's
+    assert "gain over CoreInfer: screen +0.034, held out +0.019" in gap_line(meta)
+    griffin = gap_line({**meta, "winner gain baseline": "GRIFFIN keep=0.4"})
+    assert "gain over GRIFFIN keep=0.4: screen +0.034" in griffin
 
 
 def test_formula_finalize_reports_the_gap_in_the_task_metric(tmp_path):
