@@ -196,6 +196,8 @@ def finalize(
 
 
 GAP_KEY = "screen-to-held-out gap"
+# the gain keys below keep CoreInfer's name for every selector; this one names the baseline
+GAIN_BASELINE = "winner gain baseline"
 
 
 def _gen_cap(evaluator) -> dict[str, int]:
@@ -225,7 +227,6 @@ def winner_gap(
     facts[GAP_KEY] = _rounded(held_out.score - t.value)
     screen_gain = (t.user_attrs.get("vs_coreinfer") or {}).get("mean")
     if screen_gain is not None and core_held_out is not None:
-        # the keys keep CoreInfer's name for every selector; this one says which baseline
         facts[GAIN_BASELINE] = uniform_label(spec.baseline_keep, spec.selector)
         facts["winner gain over CoreInfer on the screen"] = _rounded(screen_gain)
         facts["winner gain over CoreInfer held out"] = _rounded(
@@ -246,7 +247,6 @@ def winner_gap(
 
 # the paired 95% bootstrap interval of the winner's held-out gain over CoreInfer (or over
 # GRIFFIN uniform in a griffin study: GAIN_BASELINE names it)
-GAIN_BASELINE = "winner gain baseline"
 HELD_GAIN_INTERVAL = "winner gain over CoreInfer held out, 95% interval"
 
 

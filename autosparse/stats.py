@@ -221,9 +221,10 @@ def paired_difference(
 
     import numpy as np
 
-    d = np.array([a[i] - b[i] for i in common], dtype=np.float64)
-    scale = np.array([max(abs(a[i]), abs(b[i])) for i in common], dtype=np.float64)
-    d[np.abs(d) <= SAME_SCORE_RTOL * scale] = 0.0  # rounding noise, not a difference
+    av = np.array([a[i] for i in common], dtype=np.float64)
+    bv = np.array([b[i] for i in common], dtype=np.float64)
+    d = av - bv
+    d[np.abs(d) <= SAME_SCORE_RTOL * np.maximum(np.abs(av), np.abs(bv))] = 0.0  # rounding noise
     n = d.size
     if np.all(d == d[0]):
         # Every resample has the same mean: report it exactly rather than with rounding noise.
