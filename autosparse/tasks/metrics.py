@@ -155,6 +155,24 @@ def truthfulqa_results(doc: dict[str, Any], results: list[str]) -> dict[str, flo
     return {"bleu_max": max(t5_bleu(ref, completion) for ref in doc["correct_answers"])}
 
 
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def first_number(text: str) -> float | None:
+    """The first number written in ``text`` ("$1,250.5 in all" -> 1250.5), or None."""
+    m = _NUMBER.search(text)
+    if m is None:
+        return None
+    return float(m.group(0).replace(",", ""))
+
+
+def asdiv_results(doc: dict[str, Any], results: list[str]) -> dict[str, float]:
+    """lm-eval ``process_results`` for asdiv-local: 1 when the first number of the
+    completion equals the answer (as numbers: "7.0" answers "7"), else 0."""
+    got, want = first_number(results[0]), float(doc["answer"])
+    return {"exact_match": float(got is not None and abs(got - want) <= 1e-9 * max(1.0, abs(want)))}
+
+
 def sentence_score(metric: str, item: Any) -> float | None:
     """A per-document value for a corpus-level metric item ``(reference(s), prediction)``
     as lm-eval stores it for bleu/chrf/ter; None when the metric is not one of these."""

