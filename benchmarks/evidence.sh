@@ -9,7 +9,8 @@
 # stopped and a finished stage costs nothing when run again). STAGE is one or more of
 #   csqa-task  csqa-kl  csqa-free  csqa-griffin  csqa-selectors  csqa-sweep  truthfulqa-kl
 #   truthfulqa-free  truthfulqa-griffin  truthfulqa-free-griffin  truthfulqa-selectors
-#   truthfulqa-abstentions  truthfulqa-task  truthfulqa-sweep  nq-probe
+#   truthfulqa-abstentions  truthfulqa-task  truthfulqa-sweep  nq-probe  asdiv-kl  asdiv-task
+#   asdiv-free  asdiv-griffin  asdiv-free-griffin  asdiv-sweep
 # (default: csqa-task csqa-kl). Needs `make qwen-0.5b` first (MODEL=qwen2.5-1.5b runs the
 # same stages on the bigger model, after `make qwen-1.5b`). Each stage prints the
 # report that docs/results.md quotes; reports are also written to DIR/reports/.
@@ -18,7 +19,8 @@
 # csqa-local with 6 shots about 1.2 s per document and method; truthfulqa-local with 32
 # new tokens 2.4 s (dense) to 2.8 s (CoreInfer) per document (the prompt carries a long
 # fixed primer; without the cap a document generates until a blank line, at most 256
-# tokens, and costs 6-10 s); nq-local 1.3 s.
+# tokens, and costs 6-10 s); nq-local 1.3 s; asdiv-local with 6 shots and 8 new tokens
+# about 1.2 s (dense) to 1.5 s (CoreInfer).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -63,6 +65,12 @@ truthfulqa=(--num-fewshot 0 --trials 12 --screen 40 --calibration 64 --max-gen-t
 # goal-0.4 study is truthfulqa-task's (12 trials)
 truthfulqa_sweep=(--num-fewshot 0 --trials 6 --screen 40 --calibration 64 --max-gen-toks 32)
 truthfulqa_free=(--num-fewshot 0 --trials 51 --screen 40 --calibration 64 --max-gen-toks 32)
+# ASDiv's answer is a number of a few tokens (8 new tokens at most); exact match is 0 or 1
+# per problem, so every asdiv study screens on 100 problems (and so shares its held-out ones)
+asdiv=(--num-fewshot 6 --trials 10 --screen 100 --calibration 64 --max-gen-toks 8)
+asdiv_kl=(--num-fewshot 6 --trials 24 --screen 100 --calibration 64 --max-gen-toks 8)
+asdiv_free=(--num-fewshot 6 --trials 51 --screen 100 --calibration 64 --max-gen-toks 8)
+asdiv_sweep=(--num-fewshot 6 --trials 6 --screen 100 --calibration 64 --max-gen-toks 8)
 
 # GRIFFIN's rule at uniform keep 0.4 on the held-out documents of study $2, paired with
 # CoreInfer and with that study's winner (both read from the store when finalize ran them);
@@ -176,6 +184,17 @@ PY
         # is dense above the floor at all? (exact match of NQ-open answers)
         run eval --model "$model" --task nq-local --method dense --num-fewshot 6 \
             --max-gen-toks 16 --limit 100 --storage "$storage" | tee "reports/$model-nq-local-dense.txt"
+        ;;
+    asdiv-kl) study asdiv-local kl "$model-asdiv-local-g0.4-kl" 1 "${asdiv_kl[@]}" ;;
+    asdiv-task) study asdiv-local task "$model-asdiv-local-g0.4" 2 "${asdiv[@]}" ;;
+    asdiv-free) study asdiv-local kl "$model-asdiv-local-g0.4-free-kl" 1 "${asdiv_free[@]}" \
+        --space free --grid 0.05 --max-moves 6 ;;
+    asdiv-griffin) griffin_held_out asdiv-local "$model-asdiv-local-g0.4-kl" "kl winner" ;;
+    asdiv-free-griffin) study asdiv-local kl "$model-asdiv-local-g0.4-free-griffin-kl" 1 \
+        "${asdiv_free[@]}" --space free --grid 0.05 --max-moves 6 --selector griffin ;;
+    asdiv-sweep)
+        run sweep --model "$model" --task asdiv-local --goals "${GOALS:-0.3,0.4,0.5}" --storage "$storage" \
+            --top-k 1 --limit "$held_out" "${asdiv_sweep[@]}" | tee "reports/$model-asdiv-local-sweep.txt"
         ;;
     *)
         echo "unknown stage $stage" >&2
