@@ -10,7 +10,7 @@
 #   csqa-task  csqa-kl  csqa-free  csqa-griffin  csqa-selectors  csqa-sweep  truthfulqa-kl
 #   truthfulqa-free  truthfulqa-griffin  truthfulqa-free-griffin  truthfulqa-selectors
 #   truthfulqa-abstentions  truthfulqa-task  truthfulqa-sweep  nq-probe  asdiv-kl  asdiv-task
-#   asdiv-free  asdiv-griffin  asdiv-free-griffin  asdiv-sweep
+#   asdiv-free  asdiv-griffin  asdiv-free-griffin  asdiv-sweep  asdiv-probe
 # (default: csqa-task csqa-kl). Needs `make qwen-0.5b` first (MODEL=qwen2.5-1.5b runs the
 # same stages on the bigger model, after `make qwen-1.5b`). Each stage prints the
 # report that docs/results.md quotes; reports are also written to DIR/reports/.
@@ -119,6 +119,23 @@ for a, b in [("GRIFFIN keep=0.4", "CoreInfer keep=0.4"), (winner, "GRIFFIN keep=
 PY
 }
 
+# two `eval --json` reports on the same documents, paired: A - B with its interval
+paired() {
+    "$(dirname "$autosparse")/python" - "$1" "$2" <<'PY'
+import json
+import sys
+
+from autosparse.stats import paired_difference
+
+a, b = (json.load(open(path)) for path in sys.argv[1:3])
+d = paired_difference(a["sample_ids"], a["sample_scores"], b["sample_ids"], b["sample_scores"])
+print(f"{a['task']}: A = {sys.argv[1]} {a['score']:.4f}, B = {sys.argv[2]} {b['score']:.4f}, n {d.n}")
+det = d.detectable()
+print(f"A - B {d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}], detectable "
+      + ("(no spread)" if det is None else f"{det:.4f}"))
+PY
+}
+
 # every truthfulqa-local evaluation of $held_out documents in the store, paired two by two,
 # with how much of each comparison is "I have no comment." (scored well on every question)
 abstentions() {
@@ -159,18 +176,8 @@ for stage in "${stages[@]}"; do
                 --selector "$selector" --num-fewshot 6 --limit "$held_out" \
                 --storage "$storage" --json > "reports/$model-csqa-local-$selector.json"
         done
-        "$(dirname "$autosparse")/python" - "reports/$model-csqa-local-griffin.json" \
-            "reports/$model-csqa-local-coreinfer.json" <<'PY' | tee "reports/$model-csqa-local-selectors.txt"
-import json
-import sys
-
-from autosparse.stats import paired_difference
-
-a, b = (json.load(open(path)) for path in sys.argv[1:3])
-d = paired_difference(a["sample_ids"], a["sample_scores"], b["sample_ids"], b["sample_scores"])
-print(f"GRIFFIN {a['score']:.4f}  CoreInfer {b['score']:.4f}  n {d.n}")
-print(f"GRIFFIN - CoreInfer {d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}], detectable {d.detectable():.4f}")
-PY
+        paired "reports/$model-csqa-local-griffin.json" \
+            "reports/$model-csqa-local-coreinfer.json" | tee "reports/$model-csqa-local-selectors.txt"
         ;;
     csqa-griffin) griffin_held_out csqa-local "$model-csqa-local-g0.4-free-kl" "free winner" ;;
     truthfulqa-griffin) griffin_held_out truthfulqa-local "$model-truthfulqa-local-g0.4-free-kl" "free winner" ;;
@@ -192,6 +199,17 @@ PY
     asdiv-griffin) griffin_held_out asdiv-local "$model-asdiv-local-g0.4-kl" "kl winner" ;;
     asdiv-free-griffin) study asdiv-local kl "$model-asdiv-local-g0.4-free-griffin-kl" 1 \
         "${asdiv_free[@]}" --space free --grid 0.05 --max-moves 6 --selector griffin ;;
+    asdiv-probe)
+        # dense and CoreInfer keep 0.4 on 100 seeded problems, paired (eval's sample): is
+        # dense above the floor, and is there a gap to win back? (MODEL=qwen2.5-1.5b too)
+        for method in dense coreinfer; do
+            run eval --model "$model" --task asdiv-local --method "$method" --keep 0.4 \
+                --num-fewshot 6 --max-gen-toks 8 --limit 100 --storage "$storage" \
+                --json > "reports/$model-asdiv-local-probe-$method.json"
+        done
+        paired "reports/$model-asdiv-local-probe-dense.json" \
+            "reports/$model-asdiv-local-probe-coreinfer.json" | tee "reports/$model-asdiv-local-probe.txt"
+        ;;
     asdiv-sweep)
         run sweep --model "$model" --task asdiv-local --goals "${GOALS:-0.3,0.4,0.5}" --storage "$storage" \
             --top-k 1 --limit "$held_out" "${asdiv_sweep[@]}" | tee "reports/$model-asdiv-local-sweep.txt"
