@@ -45,10 +45,13 @@ def generate(
     batch_size: int = 8,
     on_batch: Callable[[int], None] | None = None,
     decoder: str = "lean",
+    compile: bool = False,
 ) -> GenerationRun:
     """Greedy generation for every prompt, in left-padded batches. Selection happens at
     each batch's prefill and is per sequence, so batching does not change the outputs.
-    ``decoder``: the decoding path (``greedy_ids``); both give the same tokens."""
+    ``decoder``: the decoding path (``greedy_ids``); both give the same tokens.
+    ``compile``: ``torch.compile`` the lean decoder's step (same tokens; the first batch
+    of a new shape pays the compilation)."""
     import torch
 
     tokenizer.padding_side = "left"
@@ -69,6 +72,7 @@ def generate(
                 max_new_tokens=max_new_tokens,
                 pad_token_id=tokenizer.pad_token_id,
                 decoder=decoder,
+                compile=compile,
             )
             densities = engine.sequence_density()[seen:].tolist() if engine is not None else None
             for i, prompt in enumerate(chunk):

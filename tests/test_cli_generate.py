@@ -145,3 +145,26 @@ def test_generate_with_griffin_keeps_exactly_the_planned_count(model_dir):
     assert out["layer_density"] == [38 / 128, 38 / 128]  # floor(0.3 * 128) per layer
     table = invoke(*args[:-1], "--selector", "griffin")
     assert table.exit_code == 0 and "GRIFFIN keep=0.3" in table.output
+
+
+def test_generate_compiled_step_gives_the_same_text(model_dir, monkeypatch):
+    import torch
+
+    compiled = []
+    real = torch.compile
+
+    def spy(fn, **kwargs):
+        compiled.append(fn.__name__)
+        return real(fn, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", spy)
+    args = ["--model", model_dir, "--device", "cpu", "--prompt", "hello there", "--prompt",
+            "a longer prompt, padded less", "--mode", "sliced", "--max-new-tokens", "4",
+            "--json"]  # fmt: skip
+    texts = []
+    for extra in ((), ("--compile",)):
+        result = invoke(*args, *extra)
+        assert result.exit_code == 0, result.output
+        texts.append([g["text"] for g in json.loads(result.stdout)["generations"]])
+    assert len(texts[0]) == 2 and texts[1] == texts[0]
+    assert compiled == ["_decode_step"]  # only the --compile run compiled, its step
