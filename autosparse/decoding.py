@@ -110,7 +110,37 @@ def lean_greedy(
     first id of ``eos_token_id`` when None). The batch ends when every row has finished
     or after ``max_new_tokens`` steps, so ``steps <= max_new_tokens``. ``on_token()`` is
     called after every step, once the step's tokens exist (on the host for a CPU model).
-    Each row gets the tokens it would get alone, as with ``model.generate``."""
+    Each row gets the tokens it would get alone, as with ``model.generate``. Runs without
+    autograd, as ``generate`` does (a recorded graph would keep every prefill activation
+    alive until the batch ends)."""
+    import torch
+
+    with torch.no_grad():
+        return _lean_greedy(
+            model,
+            input_ids,
+            attention_mask,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=pad_token_id,
+            eos_token_id=eos_token_id,
+            stop=stop,
+            on_token=on_token,
+            compile=compile,
+        )
+
+
+def _lean_greedy(
+    model,
+    input_ids,
+    attention_mask,
+    *,
+    max_new_tokens,
+    pad_token_id,
+    eos_token_id,
+    stop,
+    on_token,
+    compile,
+):
     import torch
 
     if max_new_tokens < 1:

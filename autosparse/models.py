@@ -280,6 +280,9 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto") -> LoadedMo
     model = _load_weights(name, source, torch_dtype)
     model.to(dev)
     model.eval()
+    # inference only: no call can record an autograd graph (which would hold every
+    # activation of a forward until its outputs are dropped)
+    model.requires_grad_(False)
     from autosparse.layout import column_major_wide, default_layout
 
     if default_layout(dev, torch_dtype) == "column-wide":

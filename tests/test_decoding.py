@@ -132,6 +132,26 @@ def test_batch_ends_when_every_row_has_stopped(llama):
     assert got.shape[1] == max(ends) + 1 < NEW
 
 
+@pytest.mark.parametrize("setting", ["dense", "masked"])
+def test_decoding_records_no_autograd_graph(llama, setting):
+    # callers (lm-eval's generate_until among them) do not disable autograd, and the
+    # parameters of a model built in memory require gradients: a recorded graph would
+    # hold every activation of the prefill until the batch ends
+    assert all(p.requires_grad for p in llama.parameters())
+    grad_modes = []
+    llama.register_forward_pre_hook(lambda *_: grad_modes.append(torch.is_grad_enabled()))
+    batch, mask = padded_batch(0)
+    engine = engine_for(llama, SETTINGS[setting])
+    with torch.enable_grad():
+        if engine is None:
+            lean(llama, batch, mask)
+        else:
+            with engine:
+                lean(llama, batch, mask)
+        assert torch.is_grad_enabled()
+    assert grad_modes and not any(grad_modes)
+
+
 def test_stop_hook_finishes_rows_on_their_own(llama):
     batch, mask = padded_batch(0)
     width = batch.shape[1]

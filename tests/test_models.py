@@ -149,6 +149,7 @@ def test_load_a_local_folder(saved_llama, dtype, expected):
     assert loaded.device == torch.device("cpu")
     assert loaded.dtype is expected
     assert not loaded.model.training
+    assert not any(p.requires_grad for p in loaded.model.parameters())
     assert {p.dtype for p in loaded.model.parameters()} == {expected}
     assert {p.device.type for p in loaded.model.parameters()} == {"cpu"}
     assert loaded.model.config.model_type == "llama"
