@@ -20,6 +20,7 @@ other than sdpa and eager) the step is not compiled.
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -89,6 +90,20 @@ def eos_ids(model) -> list[int]:
     return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
 
 
+def _without_autograd(fn: Callable) -> Callable:
+    """``fn`` run under ``torch.no_grad()`` (torch imported at the call, not here)."""
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        import torch
+
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+
+    return run
+
+
+@_without_autograd
 def lean_greedy(
     model,
     input_ids: torch.Tensor,
@@ -113,34 +128,6 @@ def lean_greedy(
     Each row gets the tokens it would get alone, as with ``model.generate``. Runs without
     autograd, as ``generate`` does (a recorded graph would keep every prefill activation
     alive until the batch ends)."""
-    import torch
-
-    with torch.no_grad():
-        return _lean_greedy(
-            model,
-            input_ids,
-            attention_mask,
-            max_new_tokens=max_new_tokens,
-            pad_token_id=pad_token_id,
-            eos_token_id=eos_token_id,
-            stop=stop,
-            on_token=on_token,
-            compile=compile,
-        )
-
-
-def _lean_greedy(
-    model,
-    input_ids,
-    attention_mask,
-    *,
-    max_new_tokens,
-    pad_token_id,
-    eos_token_id,
-    stop,
-    on_token,
-    compile,
-):
     import torch
 
     if max_new_tokens < 1:
